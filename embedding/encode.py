@@ -1,0 +1,157 @@
+"""GPU/CPU actor: token ids -> sentence vectors. One model per actor, loaded once.
+
+The encoder sorts the rows of each incoming window by length and cuts them into forward
+passes under a token budget (padding included), runs the model in eval mode under
+``torch.inference_mode``, pools as the model's ``1_Pooling`` config says (in float32), applies
+``Normalize`` where the model has it, and puts each vector back on its own row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from embedding import pooling
+from embedding import schema as S
+from embedding.batching import token_budget_batches
+from embedding.model import ModelSpec, materialize
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix multiplies run natively (about 3x fp32 with AMX)."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("`device` is 'cuda' but this worker sees no CUDA device")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """``auto`` -> bfloat16 where the hardware runs it fast, float32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def probe_hardware(device: str, dtype: str) -> dict[str, str]:
+    """What an encoder on this worker would run on; used by the driver before the run."""
+    dev = resolve_device(device)
+    return {"device": dev, "dtype": resolve_dtype(dtype, dev)}
+
+
+class EncoderModel:
+    """A sentence encoder: transformer + pooling (+ Normalize), on one device."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        from transformers import AutoConfig, AutoModel
+
+        path = materialize(spec)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(
+            path,
+            config=config,
+            dtype=TORCH_DTYPES[dtype],
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+        self.model.eval().to(device)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pad_id = spec.tokenizer.pad_id
+
+    @torch.inference_mode()
+    def embed_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens) ids and mask -> (batch, dim) float32 vectors on the CPU."""
+        out = self.model(
+            input_ids=input_ids.to(self.device, non_blocking=True),
+            attention_mask=mask.to(self.device, non_blocking=True),
+        )
+        hidden = out.last_hidden_state
+        mask_d = mask.to(self.device)
+        vectors = pooling.pool(self.spec.pooling, hidden, mask_d)
+        if self.spec.normalize:
+            vectors = pooling.normalize(vectors)
+        return vectors.float().cpu()
+
+    def embed(self, ids: list[np.ndarray], max_tokens: int, max_rows: int) -> np.ndarray:
+        """Ragged ids -> (len(ids), dim) float32, in the order given."""
+        lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+        out = np.empty((len(ids), self.spec.dim), dtype=np.float32)
+        for group in token_budget_batches(lengths, max_tokens, max_rows):
+            width = int(lengths[group].max())
+            padded = np.full((len(group), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(group), width), dtype=np.int64)
+            for j, i in enumerate(group):
+                padded[j, : lengths[i]] = ids[i]
+                mask[j, : lengths[i]] = 1
+            vectors = self.embed_padded(torch.from_numpy(padded), torch.from_numpy(mask))
+            out[group] = vectors.numpy()
+        return out
+
+
+def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray:
+    """(n, dim) float32 -> ``fixed_size_list<output_dtype>[dim]``, null where not ``valid``."""
+    n, dim = vectors.shape
+    values = vectors.astype(np.float16 if output_dtype == "float16" else np.float32, copy=False)
+    flat = pa.array(values.reshape(-1), type=S.VALUE_TYPES[output_dtype])
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
+
+
+class Encode:
+    """Ray actor stage: ``__input_ids`` -> ``embedding``. Drops the ids and the text."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int | None = None,
+        batch_tokens: int | None = None,
+        batch_rows: int = 256,
+        output_dtype: str = "float32",
+    ) -> None:
+        self.device = resolve_device(device)
+        if self.device == "cpu":
+            # Ray sets OMP_NUM_THREADS=1 in workers; size the pool to the actor's CPUs instead.
+            torch.set_num_threads(threads or max(1, int(os.environ.get("EMBEDDING_THREADS", "1"))))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = EncoderModel(spec, self.device, self.dtype)
+        self.batch_tokens = max(batch_tokens or DEFAULT_BATCH_TOKENS[self.device], spec.max_length)
+        self.batch_rows = batch_rows
+        self.output_dtype = output_dtype
+        logger.info(
+            "encoder ready: %s on %s in %s, %d threads", spec.source, self.device, self.dtype, torch.get_num_threads()
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = pc.greater(batch[S.NUM_TOKENS], 0).to_numpy(zero_copy_only=False)
+        all_ids = batch[S.INPUT_IDS].combine_chunks()
+        offsets = all_ids.offsets.to_numpy()
+        flat = all_ids.values.to_numpy()
+        rows = np.flatnonzero(valid)
+        ids = [flat[offsets[i] : offsets[i + 1]] for i in rows]
+        vectors = np.zeros((batch.num_rows, self.model.spec.dim), dtype=np.float32)
+        if len(ids):
+            vectors[rows] = self.model.embed(ids, self.batch_tokens, self.batch_rows)
+        # The text rides on only where a rejected row needs it for the quarantine.
+        text = pc.if_else(pc.is_null(batch[S.REJECT]), pa.scalar(None, pa.string()), batch[S.TEXT])
+        batch = batch.drop_columns([S.INPUT_IDS, S.TEXT]).append_column(S.TEXT, text)
+        return batch.append_column(S.EMBEDDING, vectors_to_arrow(vectors, valid, self.output_dtype))
