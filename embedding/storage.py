@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import logging
 import os
 import posixpath
@@ -153,6 +154,12 @@ def list_shards(input_url: str, format_override: str = "auto") -> list[Shard]:
 def open_input(url: str) -> IO[bytes]:
     """Binary stream of ``url`` with .gz/.zst decompressed transparently."""
     _, compression = split_extension(url)
+    if compression == "zstd":
+        # fsspec's zstd wrapper cannot iterate lines; zstandard's reader behind a buffer can.
+        import zstandard
+
+        raw = fsspec.open(url, "rb").open()
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
     return fsspec.open(url, "rb", compression=compression).open()
 
 
