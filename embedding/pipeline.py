@@ -114,7 +114,7 @@ def _init_ray(config: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 

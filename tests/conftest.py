@@ -36,7 +36,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """A moto S3 server on 127.0.0.1, reached through AWS_ENDPOINT_URL as a real store would be."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

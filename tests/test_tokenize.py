@@ -14,6 +14,7 @@ import sentencepiece as spm
 from embedding import schema as S
 from embedding.model import resolve_model
 from embedding.tokenize import FairseqSentencePiece, Tokenize, ids_to_arrow
+from tests.reference import reference_ids
 
 # Varied Japanese, with every case the issue names.
 CORPUS = [
@@ -34,16 +35,6 @@ CORPUS = [
     "吾輩は猫である。名前はまだ無い。" * 80,  # far beyond 512 tokens
     "あ" * 3000,
 ]
-
-
-def reference_ids(sp: spm.SentencePieceProcessor, text: str, max_length: int = 512) -> list[int]:
-    """Independent reference: pieces as strings, looked up one by one, fairseq-mapped."""
-    pieces = sp.encode_as_pieces(text)
-    ids = []
-    for piece in pieces[: max_length - 2]:
-        pid = sp.piece_to_id(piece)
-        ids.append(3 if pid == sp.unk_id() else pid + 1)  # <unk>=3; every other piece id + 1
-    return [0, *ids, 2]  # <s> ... </s>
 
 
 @pytest.fixture(scope="module")
