@@ -53,7 +53,12 @@ class Shard:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and protocol-less path for ``url``."""
+    """Filesystem and protocol-less path for ``url``.
+
+    Object-store listings are never cached: a run decides what to skip from listings, and a
+    long-lived driver must see what other processes wrote since."""
+    if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "abfs://", "az://")):
+        return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
 
 
