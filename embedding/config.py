@@ -71,6 +71,12 @@ class JobConfig:
     # removes the output of shards that are gone from the inputs.
     overwrite: bool = False
     prune: bool = False
+    # A run whose rejected rows exceed this fraction of its rows fails (exit 3) after
+    # committing; None accepts any number.
+    max_rejected_fraction: float | None = None
+    # Test-only fault injection for the encoder (keys: crash_once_flag, oom_over_rows,
+    # poison_length). Never set it in production.
+    fault_injection: dict | None = None
     ray_address: str | None = None
     run_id: str | None = None
     log_level: str = "INFO"
@@ -131,6 +137,11 @@ class JobConfig:
                     f"`batch_tokens` ({self.batch_tokens}) must hold at least one text of "
                     f"`max_length` ({self.max_length}) tokens"
                 )
+        if self.max_rejected_fraction is not None and not 0 <= self.max_rejected_fraction <= 1:
+            raise ValueError(
+                f"`max_rejected_fraction` must be between 0 and 1 (a fraction of the run's rows); "
+                f"got {self.max_rejected_fraction}"
+            )
         if self.extra:
             raise ValueError(f"unknown settings: {', '.join(sorted(self.extra))}")
 

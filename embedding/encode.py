@@ -72,6 +72,7 @@ class EncoderModel:
         )
         self.model.eval().to(device)
         self.spec = spec
+        self.faults: dict = {}
         self.device = torch.device(device)
         self.dtype = dtype
         self.pad_id = spec.tokenizer.pad_id
@@ -90,20 +91,47 @@ class EncoderModel:
             vectors = pooling.normalize(vectors)
         return vectors.float().cpu()
 
-    def embed(self, ids: list[np.ndarray], max_tokens: int, max_rows: int) -> np.ndarray:
-        """Ragged ids -> (len(ids), dim) float32, in the order given."""
+    def embed(self, ids: list[np.ndarray], max_tokens: int, max_rows: int) -> tuple[np.ndarray, dict[int, str]]:
+        """Ragged ids -> (len(ids), dim) float32 in the order given, and {index: error} for
+        texts that failed even alone. A failing forward pass (out of memory on a huge batch,
+        say) is split in halves and retried before any row is given up."""
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
-        out = np.empty((len(ids), self.spec.dim), dtype=np.float32)
+        out = np.zeros((len(ids), self.spec.dim), dtype=np.float32)
+        failed: dict[int, str] = {}
         for group in token_budget_batches(lengths, max_tokens, max_rows):
-            width = int(lengths[group].max())
-            padded = np.full((len(group), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(group), width), dtype=np.int64)
-            for j, i in enumerate(group):
-                padded[j, : lengths[i]] = ids[i]
-                mask[j, : lengths[i]] = 1
-            vectors = self.embed_padded(torch.from_numpy(padded), torch.from_numpy(mask))
-            out[group] = vectors.numpy()
-        return out
+            self._embed_group(ids, lengths, group, out, failed)
+        return out, failed
+
+    def _embed_group(
+        self, ids: list[np.ndarray], lengths: np.ndarray, group: np.ndarray, out: np.ndarray, failed: dict[int, str]
+    ) -> None:
+        width = int(lengths[group].max())
+        padded = np.full((len(group), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(group), width), dtype=np.int64)
+        for j, i in enumerate(group):
+            padded[j, : lengths[i]] = ids[i]
+            mask[j, : lengths[i]] = 1
+        try:
+            if self.faults:
+                self._inject(group, lengths)
+            out[group] = self.embed_padded(torch.from_numpy(padded), torch.from_numpy(mask)).numpy()
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                failed[int(group[0])] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+                return
+            logger.warning("forward pass of %d rows failed (%s); splitting it", len(group), e)
+            half = len(group) // 2
+            self._embed_group(ids, lengths, group[:half], out, failed)
+            self._embed_group(ids, lengths, group[half:], out, failed)
+
+    def _inject(self, group: np.ndarray, lengths: np.ndarray) -> None:
+        """Test-only faults (``fault_injection`` setting): simulated OOM and poisoned rows."""
+        if len(group) > self.faults.get("oom_over_rows", 1 << 30):
+            raise RuntimeError("CUDA out of memory (injected)")
+        if self.faults.get("poison_length") in lengths[group].tolist():
+            raise RuntimeError("poisoned row (injected)")
 
 
 def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray:
@@ -127,13 +155,17 @@ class Encode:
         batch_tokens: int | None = None,
         batch_rows: int = 256,
         output_dtype: str = "float32",
+        fault_injection: dict | None = None,
     ) -> None:
+        faults = dict(fault_injection or {})
+        self.faults = faults
         self.device = resolve_device(device)
         if self.device == "cpu":
             # Ray sets OMP_NUM_THREADS=1 in workers; size the pool to the actor's CPUs instead.
             torch.set_num_threads(threads or max(1, int(os.environ.get("EMBEDDING_THREADS", "1"))))
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = EncoderModel(spec, self.device, self.dtype)
+        self.model.faults = {k: v for k, v in faults.items() if k in ("oom_over_rows", "poison_length")}
         self.batch_tokens = max(batch_tokens or DEFAULT_BATCH_TOKENS[self.device], spec.max_length)
         self.batch_rows = batch_rows
         self.output_dtype = output_dtype
@@ -142,6 +174,10 @@ class Encode:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        crash_flag = self.faults.get("crash_once_flag")
+        if crash_flag and not os.path.exists(crash_flag):  # test-only: the actor dies mid-batch
+            open(crash_flag, "w").close()
+            os._exit(1)
         valid = pc.greater(batch[S.NUM_TOKENS], 0).to_numpy(zero_copy_only=False)
         all_ids = batch[S.INPUT_IDS].combine_chunks()
         offsets = all_ids.offsets.to_numpy()
@@ -149,9 +185,18 @@ class Encode:
         rows = np.flatnonzero(valid)
         ids = [flat[offsets[i] : offsets[i + 1]] for i in rows]
         vectors = np.zeros((batch.num_rows, self.model.spec.dim), dtype=np.float32)
+        rejects = batch[S.REJECT]
         if len(ids):
-            vectors[rows] = self.model.embed(ids, self.batch_tokens, self.batch_rows)
+            embedded, failed = self.model.embed(ids, self.batch_tokens, self.batch_rows)
+            vectors[rows] = embedded
+            if failed:
+                reasons = rejects.to_pylist()
+                for j, message in failed.items():
+                    valid[rows[j]] = False
+                    reasons[rows[j]] = f"encode_error: {message}"
+                rejects = pa.array(reasons, pa.string())
+                batch = batch.set_column(batch.schema.get_field_index(S.REJECT), S.REJECT, rejects)
         # The text rides on only where a rejected row needs it for the quarantine.
-        text = pc.if_else(pc.is_null(batch[S.REJECT]), pa.scalar(None, pa.string()), batch[S.TEXT])
+        text = pc.if_else(pc.is_null(rejects), pa.scalar(None, pa.string()), batch[S.TEXT])
         batch = batch.drop_columns([S.INPUT_IDS, S.TEXT]).append_column(S.TEXT, text)
         return batch.append_column(S.EMBEDDING, vectors_to_arrow(vectors, valid, self.output_dtype))

@@ -83,6 +83,9 @@ class RunReport:
     rows_embedded: int = 0
     rows_rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    rows_truncated: int = 0  # texts cut at the model's token limit (embedded from their start)
+    duplicate_ids: int = 0  # embedded rows whose id another row of this run has too
+    duplicate_examples: list[str] = field(default_factory=list)
     tokens: int = 0
     wall_seconds: float = 0.0
     rows_per_second: float = 0.0
@@ -95,6 +98,17 @@ class RunReport:
 
 class ConfigError(ValueError):
     """The run cannot start as configured; the message says why."""
+
+
+class TooManyRejectedError(RuntimeError):
+    """The run committed its output, but rejected more rows than ``max_rejected_fraction``."""
+
+    def __init__(self, message: str, report: RunReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+MAX_HASHED_IDS = 200_000_000  # 1.6 GB of hashes on the driver; beyond it duplicates count per shard
 
 
 def list_inputs(config: JobConfig) -> list[Shard]:
@@ -227,6 +241,10 @@ def run(config: JobConfig) -> RunReport:
                 remove_shard_output(config.output, key, ledger.read_markers(config.output).get(key, []))
             report.shards_pruned = len(work.removed)
         report.status = "succeeded"
+        rows = report.rows_embedded + report.rows_rejected
+        limit = config.max_rejected_fraction
+        if limit is not None and rows and report.rows_rejected / rows > limit:
+            report.status = "rejected_over_threshold"
     except BaseException:
         report.status = "failed"
         raise
@@ -240,6 +258,13 @@ def run(config: JobConfig) -> RunReport:
             storage.write_bytes_atomic(storage.join(config.output, RUNS, f"{run_id}.json"), report.to_json().encode())
         finally:
             lease.release()
+    if report.status == "rejected_over_threshold":
+        raise TooManyRejectedError(
+            f"{report.rows_rejected} of {report.rows_in} rows ({report.rows_rejected / report.rows_in:.1%}) were "
+            f"rejected, over --max-rejected-fraction {config.max_rejected_fraction}; the good rows are committed, "
+            f"the rejected ones are in {storage.join(config.output, '_rejected')}/ with their reasons",
+            report,
+        )
     return report
 
 
@@ -334,6 +359,7 @@ def _embed(
             "batch_tokens": config.batch_tokens,
             "batch_rows": config.batch_rows,
             "output_dtype": config.output_dtype,
+            "fault_injection": config.fault_injection,
         },
         batch_size=config.window_rows,
         batch_format="pyarrow",
@@ -356,6 +382,8 @@ def _embed(
     pending: dict[str, ray.ObjectRef] = {}
     done: dict[str, tuple[CommitTask, CommitResult]] = {}
     tasks: dict[str, CommitTask] = {}
+    hashes: list = []
+    hashed = 0
 
     def start_commit(key: str) -> None:
         tasks[key] = CommitTask(
@@ -372,6 +400,7 @@ def _embed(
         pending[key] = commit.remote(tasks[key])
 
     def collect(timeout: float | None) -> None:
+        nonlocal hashed
         keys = list(pending)
         refs = [pending[k] for k in keys]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
@@ -379,6 +408,10 @@ def _embed(
         for key, ref in zip(keys, refs, strict=True):
             if ref in ready_set:
                 result = ray.get(pending.pop(key))
+                if hashed + result.rows <= MAX_HASHED_IDS:
+                    hashes.append(result.id_hashes)
+                    hashed += result.rows
+                result = dataclasses.replace(result, id_hashes=None)
                 done[key] = (tasks[key], result)
                 _account(report, result, replaced=key in work.changed)
 
@@ -388,7 +421,6 @@ def _embed(
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             if row["total"] >= 0:
                 totals[key] = row["total"]
-            report.tokens += row["tokens"]
             if key in totals and key not in pending and key not in done and staged[key] >= totals[key]:
                 start_commit(key)
         collect(timeout=0)
@@ -407,6 +439,7 @@ def _embed(
         collect(timeout=10)
         lease.renew()
 
+    _count_duplicates(report, hashes, hashed)
     if config.overwrite:
         # Everything is staged; now swap it in, one atomic replace per file. Shards gone from
         # the inputs leave first, so a crash here leaves no file of the old settings behind
@@ -420,8 +453,29 @@ def _embed(
     storage.remove_tree(staging)
 
 
+def _count_duplicates(report: RunReport, hashes: list, hashed: int) -> None:
+    """Rows of this run whose id occurs more than once, across shards (exact up to 2^-64)."""
+    import numpy as np
+
+    if hashes and hashed == report.rows_embedded:
+        _, counts = np.unique(np.concatenate(hashes), return_counts=True)
+        report.duplicate_ids = int(counts[counts > 1].sum())
+    elif hashes:
+        logger.warning("duplicate ids were counted within shards only: the run has over %d rows", MAX_HASHED_IDS)
+    if report.duplicate_ids:
+        logger.warning(
+            "%d embedded rows share their id with another row of this run (e.g. %s)",
+            report.duplicate_ids,
+            ", ".join(report.duplicate_examples) or "across shards",
+        )
+
+
 def _account(report: RunReport, result: CommitResult, *, replaced: bool) -> None:
     report.shards_embedded += 1
+    report.tokens += result.tokens
+    report.rows_truncated += result.truncated
+    report.duplicate_ids += result.duplicate_ids
+    report.duplicate_examples = (report.duplicate_examples + list(result.duplicate_examples))[:10]
     report.shards_replaced += int(replaced)
     report.rows_embedded += result.rows
     report.rows_rejected += result.rejected

@@ -221,6 +221,8 @@ def _text_reject(text: Any) -> str | None:
         return f"text_type: the text is a {type(text).__name__}, not a string"
     if not text.strip():
         return "empty_text: the text is empty or whitespace only"
+    if "\x00" in text:
+        return "nul_char: the text holds NUL characters (binary data?)"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -302,10 +304,16 @@ def _reject_arrow(ids: pa.Array | None, texts: pa.Array, layout: InputLayout) ->
         reason = f"text_type: the text column is {texts.type}, not a string"
         return pa.array([reason] * len(texts), pa.string())
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)
+    nul = pc.match_substring(texts, "\x00")
+    none = pa.scalar(None, pa.string())
     reasons = pc.if_else(
         pc.is_null(texts),
         "missing_text: the text is null",
-        pc.if_else(empty, "empty_text: the text is empty or whitespace only", pa.scalar(None, pa.string())),
+        pc.if_else(
+            empty,
+            "empty_text: the text is empty or whitespace only",
+            pc.if_else(nul, "nul_char: the text holds NUL characters (binary data?)", none),
+        ),
     )
     if ids is not None:
         reasons = pc.if_else(pc.is_null(ids), f"missing_id: no {layout.id_column!r} value", reasons)
@@ -349,36 +357,77 @@ def _cast_ids(ids: pa.Array, layout: InputLayout, shard: Shard) -> pa.Array:
 
 
 def _read_csv(shard: Shard, layout: InputLayout) -> Iterator[_Rows]:
+    """CSV with a header row. Cells are read as bytes so that one row of invalid UTF-8 or one
+    row with the wrong number of cells is rejected alone instead of failing the file."""
     wanted = [layout.text_column, *layout.keep_columns]
     if layout.has_ids:
         wanted.append(layout.id_column)
+    bad_lines: list[tuple[int, str, str]] = []
+
+    def on_invalid(row: pa_csv.InvalidRow) -> str:
+        bad_lines.append(
+            (
+                row.number or -1,
+                row.text,
+                f"line {row.number}: {row.actual_columns} cells, expected {row.expected_columns}",
+            )
+        )
+        return "skip"
+
     convert = pa_csv.ConvertOptions(
-        include_columns=wanted,
-        column_types={c: pa.string() for c in wanted},
-        strings_can_be_null=False,
+        include_columns=wanted, column_types={c: pa.binary() for c in wanted}, strings_can_be_null=False
     )
     with open_input(shard.url) as f:
         try:
             reader = pa_csv.open_csv(
                 f,
                 read_options=pa_csv.ReadOptions(block_size=1 << 22),
-                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
                 convert_options=convert,
             )
         except (pa.ArrowInvalid, KeyError) as e:
             raise InputError(f"cannot read CSV shard {shard.url}: {e}") from e
         for batch in reader:
-            texts = batch.column(layout.text_column)
-            ids = batch.column(layout.id_column) if layout.has_ids else None
+            columns, utf8_rejects = _decode_utf8({c: batch.column(c) for c in wanted})
+            texts = columns[layout.text_column]
+            ids = columns[layout.id_column] if layout.has_ids else None
             if ids is not None:
                 # An empty CSV cell is a missing id.
                 ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
-            yield _Rows(
-                ids=ids,
-                texts=texts,
-                rejects=_reject_arrow(ids, texts, layout),
-                keep={c: batch.column(c) for c in layout.keep_columns},
-            )
+            rejects = _reject_arrow(ids, texts, layout)
+            if utf8_rejects is not None:
+                rejects = pc.coalesce(utf8_rejects, rejects)
+            yield _Rows(ids=ids, texts=texts, rejects=rejects, keep={c: columns[c] for c in layout.keep_columns})
+    if bad_lines:
+        n = len(bad_lines)
+        yield _Rows(
+            ids=[None] * n,
+            texts=[_raw(text) for _, text, _ in bad_lines],
+            rejects=[f"csv_row: {why}" for _, _, why in bad_lines],
+            keep={c: [None] * n for c in layout.keep_columns},
+        )
+
+
+def _decode_utf8(columns: dict[str, pa.Array]) -> tuple[dict[str, pa.Array], pa.Array | None]:
+    """Binary columns -> string; cells that are not UTF-8 become null and their row a reject."""
+    out: dict[str, pa.Array] = {}
+    rejects: list[str | None] | None = None
+    for name, col in columns.items():
+        try:
+            out[name] = col.cast(pa.string())
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = []
+        for i, raw in enumerate(col.to_pylist()):
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                values.append(raw.decode("utf-8", "replace"))
+                rejects = rejects or [None] * len(col)
+                rejects[i] = rejects[i] or f"invalid_utf8: column {name!r}: {e.reason}"
+        out[name] = pa.array(values, pa.string())
+    return out, None if rejects is None else pa.array(rejects, pa.string())
 
 
 def _read_text(shard: Shard, layout: InputLayout) -> Iterator[_Rows]:

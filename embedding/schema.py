@@ -27,6 +27,7 @@ REJECT = "__reject"  # null for good rows; "<code>: <message>" for rejected ones
 MARKER = "__marker"  # true for the one placeholder row an empty shard emits
 INPUT_IDS = "__input_ids"
 NUM_TOKENS = "__num_tokens"
+TRUNCATED = "__truncated"  # the text was cut at the model's token limit
 
 REJECTED_TEXT_CAP = 4096  # characters of a rejected row's raw text kept for inspection
 

@@ -45,7 +45,16 @@ class TokenizerSpec:
 
 
 class FairseqSentencePiece:
-    """sentencepiece + the fairseq id offset, batched, ids as int32 arrays."""
+    """sentencepiece + the fairseq id offset, batched, ids as int32 arrays.
+
+    Enormous texts are not tokenised whole: only a prefix of ``char_cap`` characters, enough
+    for every one of the ``max_length`` tokens (pieces are at most ``max_piece`` characters
+    after normalisation, which can at most triple-compose characters). When whitespace
+    collapsing makes that prefix fall short of the limit plus a margin, the whole text is
+    tokenised after all, so the ids are always those of the full text, truncated.
+    """
+
+    MARGIN = 16  # extra pieces past the cut, so the cut cannot change the kept ones
 
     def __init__(self, model_proto: bytes, max_length: int, threads: int = 1) -> None:
         import sentencepiece as spm
@@ -55,13 +64,25 @@ class FairseqSentencePiece:
         self.max_length = max_length
         self.threads = threads
         self.name = "sentencepiece-fairseq"
+        max_piece = max(len(self.sp.id_to_piece(i)) for i in range(self.sp.get_piece_size()))
+        self.char_cap = (max_length + self.MARGIN) * max(max_piece, 1) * 3
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Texts -> ids with ``<s> ... </s>``, at most ``max_length`` ids each."""
-        pieces = self.sp.encode(texts, num_threads=self.threads)
+        return self.encode_batch(texts)[0]
+
+    def encode_batch(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Ids per text, and whether each text was cut at ``max_length``."""
         budget = self.max_length - 2
+        capped = [t if len(t) <= self.char_cap else t[: self.char_cap] for t in texts]
+        pieces = self.sp.encode(capped, num_threads=self.threads)
+        for i, t in enumerate(texts):
+            if len(t) > self.char_cap and len(pieces[i]) < budget + self.MARGIN:
+                pieces[i] = self.sp.encode(t)
         out = []
-        for p in pieces:
+        truncated = np.zeros(len(texts), dtype=bool)
+        for i, p in enumerate(pieces):
+            truncated[i] = len(p) > budget
             ids = np.empty(min(len(p), budget) + 2, dtype=np.int32)
             body = np.asarray(p[:budget], dtype=np.int32)
             # sentencepiece's own unk (piece 0) is fairseq's <unk>=3, not 0+1.
@@ -69,7 +90,7 @@ class FairseqSentencePiece:
             ids[0] = FAIRSEQ_SPECIALS["<s>"]
             ids[-1] = FAIRSEQ_SPECIALS["</s>"]
             out.append(ids)
-        return out
+        return out, truncated
 
 
 class HFTokenizer:
@@ -88,8 +109,15 @@ class HFTokenizer:
         self.name = f"hf:{type(self.tok).__name__}"
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
-        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        return self.encode_batch(texts)[0]
+
+    def encode_batch(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        enc = self.tok(
+            texts, truncation=True, max_length=self.max_length, add_special_tokens=True, return_overflowing_tokens=False
+        )
+        ids = [np.asarray(i, dtype=np.int32) for i in enc["input_ids"]]
+        # A text is cut when the tokenizer filled the limit; exact for texts that end at it too.
+        return ids, np.array([len(i) >= self.max_length for i in ids], dtype=bool)
 
 
 def load_tokenizer(spec: TokenizerSpec, threads: int = 1) -> FairseqSentencePiece | HFTokenizer:
@@ -122,10 +150,14 @@ class Tokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = pc.and_(pc.is_null(batch[S.REJECT]), pc.invert(batch[S.MARKER])).to_numpy(zero_copy_only=False)
         texts = batch[S.TEXT].to_pylist()
-        encoded = self.tokenizer.encode([t for t, ok in zip(texts, good, strict=True) if ok])
+        encoded, cut = self.tokenizer.encode_batch([t for t, ok in zip(texts, good, strict=True) if ok])
         empty = np.empty(0, np.int32)
-        it = iter(encoded)
-        ids = [next(it) if ok else empty for ok in good]
+        ids = [empty] * len(texts)
+        truncated = np.zeros(len(texts), dtype=bool)
+        for j, i in enumerate(np.flatnonzero(good)):
+            ids[i] = encoded[j]
+            truncated[i] = cut[j]
         arr = ids_to_arrow(ids)
         batch = batch.append_column(S.INPUT_IDS, arr)
+        batch = batch.append_column(S.TRUNCATED, pa.array(truncated))
         return batch.append_column(S.NUM_TOKENS, pc.list_value_length(arr).cast(pa.int32()))

@@ -120,7 +120,7 @@ class WriteParts:
     def _stage_good(self, directory: str, key: str, rows: pa.Table) -> int:
         if rows.num_rows == 0:
             return 0
-        columns = {S.ROW: rows[S.ROW]}
+        columns = {S.ROW: rows[S.ROW], S.NUM_TOKENS: rows[S.NUM_TOKENS], S.TRUNCATED: rows[S.TRUNCATED]}
         for field in self.schema:
             columns[field.name] = rows[field.name].cast(field.type)
         table = pa.table(columns)
@@ -172,6 +172,11 @@ class CommitResult:
     rejected: int
     path: str
     reasons: dict[str, int]
+    tokens: int = 0
+    truncated: int = 0
+    duplicate_ids: int = 0  # rows whose id another row of this shard has too
+    duplicate_examples: tuple[str, ...] = ()
+    id_hashes: object = None  # uint64 array of the ids, for the run-wide duplicate count
 
 
 def _read_parts(urls: list[str]) -> pa.Table | None:
@@ -212,7 +217,10 @@ def commit_shard(task: CommitTask) -> CommitResult:
             f"shard {key}: staged parts hold {len(np.unique(seen))} of {task.total} rows "
             f"(missing e.g. {missing[:5].tolist()}); nothing was committed for it"
         )
-    good = good.drop_columns([S.ROW]).cast(schema)
+    tokens = int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0)
+    truncated = int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)
+    good = good.drop_columns([S.ROW, S.NUM_TOKENS, S.TRUNCATED]).cast(schema)
+    dup_count, dup_examples = _duplicates(good[S.ID])
     root = deferred_root(task.staging) if task.deferred else task.output
     path = storage.join(root, output_key(key))
     rejected_path = storage.join(root, REJECTED, output_key(key))
@@ -226,11 +234,39 @@ def commit_shard(task: CommitTask) -> CommitResult:
     reasons = (
         {str(r["values"]): int(r["counts"]) for r in pc.value_counts(bad["reason"]).to_pylist()} if bad.num_rows else {}
     )
-    result = CommitResult(shard=key, rows=good.num_rows, rejected=bad.num_rows, path=path, reasons=reasons)
+    result = CommitResult(
+        shard=key,
+        rows=good.num_rows,
+        rejected=bad.num_rows,
+        path=path,
+        reasons=reasons,
+        tokens=tokens,
+        truncated=truncated,
+        duplicate_ids=dup_count,
+        duplicate_examples=dup_examples,
+        id_hashes=id_hashes(good[S.ID]),
+    )
     if not task.deferred:
         record_commit(task, result)
     storage.remove_tree(directory)
     return result
+
+
+def _duplicates(ids: pa.ChunkedArray) -> tuple[int, tuple[str, ...]]:
+    """Rows whose id occurs more than once in this shard, and a few such ids."""
+    if len(ids) == 0:
+        return 0, ()
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    n = int(pc.sum(repeated.field("counts")).as_py() or 0)
+    return n, tuple(str(v) for v in repeated.field("values").to_pylist()[:5])
+
+
+def id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of ids, to count duplicates across shards without holding the ids."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids.to_pylist(), dtype=object)).astype(np.uint64)
 
 
 def deferred_root(staging: str) -> str:

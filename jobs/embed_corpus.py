@@ -4,7 +4,8 @@ Every flag has a YAML key of the same name (``--text-column`` -> ``text_column``
 come from the defaults, then ``--config job.yaml``, then the flags given.
 
 Exit status: 0 done; 1 the run failed (see the one-line reason); 2 refused before starting
-(bad setting, missing input or model).
+(bad setting, missing input or model, settings that differ from the output's, another run
+writing the output); 3 done, but more rows were rejected than --max-rejected-fraction allows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from embedding.config import DEFAULT_MODEL, DTYPES, FORMATS, ID_TYPES, OUTPUT_DTYPES, JobConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_TOO_MANY_REJECTED = 0, 1, 2, 3
 
 
 def _csv(value: str) -> list[str]:
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"embed_corpus: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except pipeline.TooManyRejectedError as e:
+        print(f"embed_corpus: too many rejected rows: {e}", file=sys.stderr)
+        return EXIT_TOO_MANY_REJECTED
     except Exception as e:  # one line for schedulers; the traceback goes to the debug log
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         print(f"embed_corpus: failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,0 +1,105 @@
+"""Dirty input: every bad row is quarantined with its reason, never lost; good rows all land.
+
+The policy, one row per case (``embedded`` means the row enters the output):
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from embedding import pipeline
+from embedding.config import JobConfig
+from tests.test_exactly_once import committed_rows
+
+pytestmark = pytest.mark.slow
+
+HUGE = "吾輩は猫である。名前はまだ無い。" * 20_000  # 320,000 characters
+
+# (JSONL line as bytes, expected outcome: "embedded" or the reject reason code)
+CASES: list[tuple[bytes, str]] = [
+    (b'{"id": "good-1", "text": "\xe4\xbb\x8a\xe6\x97\xa5\xe3\x81\xaf\xe6\x99\xb4\xe3\x82\x8c"}', "embedded"),
+    (b'{"id": "null-text", "text": null}', "missing_text"),
+    (b'{"id": "missing-text"}', "missing_text"),
+    (b'{"id": "empty-text", "text": ""}', "empty_text"),
+    (b'{"id": "blank-text", "text": " \\t\\u3000 "}', "empty_text"),
+    (b'{"id": "number-text", "text": 42}', "text_type"),
+    (b'{"id": "list-text", "text": ["a", "b"]}', "text_type"),
+    (b'{"id": "object-text", "text": {"ja": "x"}}', "text_type"),
+    (b'{"id": "broken", "text": "unterminated', "malformed_json"),
+    (b'["not", "an", "object"]', "not_object"),
+    (b'"just a string"', "not_object"),
+    (b'{"id": "bad-utf8", "text": "\xff\xfe\xfa"}', "invalid_utf8"),
+    (b'{"id": "surrogate", "text": "\\ud800 lone"}', "lone_surrogate"),
+    (b'{"id": "nul", "text": "a\\u0000b"}', "nul_char"),
+    (b'{"text": "no id here"}', "missing_id"),
+    (b'{"id": null, "text": "null id"}', "missing_id"),
+    (b'{"id": 1.5, "text": "float id"}', "id_type"),
+    (b'{"id": ["x"], "text": "list id"}', "id_type"),
+    (b'{"id": 7, "text": "an integer id is kept, as the string 7"}', "embedded"),
+    (b'{"id": "dup", "text": "first of two rows with one id"}', "embedded"),
+    (b'{"id": "dup", "text": "second of two rows with one id"}', "embedded"),
+    (json.dumps({"id": "huge", "text": HUGE}, ensure_ascii=False).encode(), "embedded"),
+    (b'{"id": "good-2", "text": "[MASK] \xe3\x81\xa8 <mask> \xe3\x81\xaf\xe6\x96\x87\xe5\xad\x97"}', "embedded"),
+]
+
+
+def test_every_bad_row_is_quarantined_with_its_reason(tmp_path: Path, tiny_model: Path, ray_local) -> None:
+    shard = tmp_path / "in" / "dirty.jsonl"
+    shard.parent.mkdir()
+    # Every case is followed by a blank line: blank lines are not rows. Case i is on line 2i+1.
+    shard.write_bytes(b"".join(line + b"\n\n" for line, _ in CASES) + b" \n")
+    output = tmp_path / "out"
+    report = pipeline.run(
+        JobConfig(
+            inputs=(str(shard.parent),), output=str(output), model=str(tiny_model), cpus_per_actor=1, max_actors=1
+        )
+    )
+
+    embedded = [i for i, (_, want) in enumerate(CASES) if want == "embedded"]
+    rejected = {i: want for i, (_, want) in enumerate(CASES) if want != "embedded"}
+    assert report.rows_in == len(CASES)
+    assert report.rows_embedded + report.rows_rejected == len(CASES)
+    assert report.rows_embedded == len(embedded)
+    expected_reasons: dict[str, int] = {}
+    for reason in rejected.values():
+        expected_reasons[reason] = expected_reasons.get(reason, 0) + 1
+    assert report.rejected_by_reason == expected_reasons
+    assert report.rows_truncated == 1, "the enormous text is truncated, not rejected"
+    assert report.duplicate_ids == 2 and "dup" in report.duplicate_examples
+
+    ids = committed_rows(str(output))["id"].to_pylist()
+    assert sorted(ids) == sorted(["good-1", "7", "dup", "dup", "huge", "good-2"])
+
+    quarantine = pq.read_table(output / "_rejected" / "dirty.parquet").to_pylist()
+    assert {r["row"]: r["reason"] for r in quarantine} == rejected
+    for r in quarantine:
+        assert r["shard"] == "dirty.jsonl" and r["message"]
+    by_row = {r["row"]: r for r in quarantine}
+    assert by_row[1]["id"] == "null-text"
+    assert "unterminated" in by_row[8]["text"]
+    assert "line 17" in by_row[8]["message"], "the message names the input line"
+
+
+def test_max_rejected_fraction_fails_the_run_after_committing(tmp_path: Path, tiny_model: Path, ray_local) -> None:
+    shard = tmp_path / "in" / "mostly-bad.jsonl"
+    shard.parent.mkdir()
+    shard.write_text('{"id": "a", "text": "良い"}\n{"id": "b", "text": ""}\n{"id": "c"}\n')
+    output = tmp_path / "out"
+    config = JobConfig(
+        inputs=(str(shard.parent),),
+        output=str(output),
+        model=str(tiny_model),
+        cpus_per_actor=1,
+        max_actors=1,
+        max_rejected_fraction=0.5,
+    )
+    with pytest.raises(pipeline.TooManyRejectedError, match=r"2 of 3 rows \(66.7%\) were rejected") as info:
+        pipeline.run(config)
+    assert info.value.report.status == "rejected_over_threshold"
+    assert committed_rows(str(output))["id"].to_pylist() == ["a"]
+    run = json.loads(next((output / "_runs").glob("*.json")).read_text())
+    assert run["status"] == "rejected_over_threshold" and run["rows_rejected"] == 2
