@@ -150,8 +150,11 @@ def _init_ray(config: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    # Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`); else
+    # start a private local Ray, never silently joining another one running on this machine.
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
 def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:

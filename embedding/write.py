@@ -205,7 +205,10 @@ def commit_shard(task: CommitTask) -> CommitResult:
     good = (
         _dedupe(good, S.ROW)
         if good is not None
-        else schema.empty_table().append_column(S.ROW, pa.array([], pa.int64()))
+        else schema.empty_table()
+        .append_column(S.ROW, pa.array([], pa.int64()))
+        .append_column(S.NUM_TOKENS, pa.array([], pa.int32()))
+        .append_column(S.TRUNCATED, pa.array([], pa.bool_()))
     )
     bad = _read_parts(storage.list_files(directory, "rejected-*.parquet"))
     bad = _dedupe(bad, "row") if bad is not None else S.rejected_schema().empty_table()

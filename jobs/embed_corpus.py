@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the output of shards that are no longer in the inputs (kept by default)",
     )
-    o.add_argument("--ray-address", help="Ray cluster address [default: RAY_ADDRESS, else a local Ray]")
+    o.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (auto: the one running on this node) [default: RAY_ADDRESS, else a new private local Ray]",
+    )
     o.add_argument("--run-id", help="name of this run's report [default: UTC time + random suffix]")
     o.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="[default: INFO]")
     return p

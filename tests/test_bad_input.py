@@ -103,3 +103,20 @@ def test_max_rejected_fraction_fails_the_run_after_committing(tmp_path: Path, ti
     assert committed_rows(str(output))["id"].to_pylist() == ["a"]
     run = json.loads(next((output / "_runs").glob("*.json")).read_text())
     assert run["status"] == "rejected_over_threshold" and run["rows_rejected"] == 2
+
+
+def test_empty_and_all_rejected_shards_commit_empty_files(tmp_path: Path, tiny_model: Path, ray_local) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "empty.jsonl").write_text("\n\n")
+    (inputs / "all-bad.jsonl").write_text('{"id": "x", "text": ""}\n{"id": "y"}\n')
+    (inputs / "ok.jsonl").write_text('{"id": "z", "text": "良い天気"}\n')
+    output = tmp_path / "out"
+    report = pipeline.run(
+        JobConfig(inputs=(str(inputs),), output=str(output), model=str(tiny_model), cpus_per_actor=1, max_actors=1)
+    )
+    assert (report.shards_embedded, report.rows_embedded, report.rows_rejected) == (3, 1, 2)
+    assert pq.read_table(output / "empty.parquet").num_rows == 0
+    assert pq.read_table(output / "all-bad.parquet").num_rows == 0
+    assert pq.read_table(output / "_rejected" / "all-bad.parquet").num_rows == 2
+    assert committed_rows(str(output))["id"].to_pylist() == ["z"]
