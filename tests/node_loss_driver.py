@@ -1,6 +1,7 @@
 """Driver for test_faults.test_worker_node_lost_mid_run, in its own process (one Ray per
 process): a head and two worker nodes on 127.0.0.1; a worker node is removed as soon as the
-first shard is committed; the run must still complete. Prints a JSON line with the result."""
+first shard is committed; the run must still complete. Writes the result as JSON to the
+path given last (stdout carries the nodes' logs)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from embedding import ledger, pipeline
 from embedding.config import JobConfig
 
 
-def main(inputs: str, output: str, model: str) -> None:
+def main(inputs: str, output: str, model: str, result_path: str) -> None:
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
     )
     # Most of the work lands on the two workers (the head has one CPU for the driver's tasks).
-    workers = [cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1") for _ in range(2)]
+    # Every node runs on this machine; Ray 2.60 resolves 127.0.0.1 to the node's own address.
+    workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     removed: list[str] = []
@@ -52,10 +54,11 @@ def main(inputs: str, output: str, model: str) -> None:
         )
     )
     killer.join(timeout=1)
-    print(json.dumps({"removed_node": bool(removed), "rows_embedded": report.rows_embedded}))
+    with open(result_path, "w") as f:
+        json.dump({"removed_node": bool(removed), "rows_embedded": report.rows_embedded}, f)
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

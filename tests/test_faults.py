@@ -189,7 +189,7 @@ def test_worker_node_lost_mid_run(tmp_path: Path, tiny_model: Path) -> None:
     docs = make_corpus(inputs, shards=6, rows=40)
     script = REPO / "tests" / "node_loss_driver.py"
     proc = subprocess.run(
-        [sys.executable, str(script), inputs, output, str(tiny_model)],
+        [sys.executable, str(script), inputs, output, str(tiny_model), str(tmp_path / "result.json")],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -197,7 +197,7 @@ def test_worker_node_lost_mid_run(tmp_path: Path, tiny_model: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     assert result["removed_node"], "no worker node was removed during the run"
     assert result["rows_embedded"] == 240
     assert_exactly(output, docs)
