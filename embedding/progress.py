@@ -156,13 +156,9 @@ class Progress:
             self._stop.set()
 
     def finish(self) -> Snapshot:
-        """Stop ticking and bring the report's GPU time up to now. Returns the last snapshot."""
+        """Stop ticking, bring the report's GPU time up to now and log the final line."""
         self._stop.set()
-        log, self.log = self.log, False
-        try:
-            return self.tick()
-        finally:
-            self.log = log
+        return self.tick()
 
     # -- computed ---------------------------------------------------------------------------
     def fraction(self) -> float | None:
