@@ -281,3 +281,11 @@ def test_ray_job_submit_runs_the_nightly_config_twice_with_token_auth(
     assert "testing-secret-never-logged" not in reports[0].read_text()
     for key in ("faq/part-000", "news/part-000", "news/part-001", "news/part-002", "reviews/part-000"):
         assert (out / f"{key}.parquet").is_file(), key
+
+    # A refused run: `ray job submit` says 1, `ray job status` keeps the job's own code, 2.
+    refused = [*submit[: submit.index("--")], "--submission-id", "refused-1", *submit[submit.index("--") :]]
+    refused[refused.index(str(corpus))] = str(tmp_path / "no-such-corpus")
+    proc = ray_head.ray(*refused)
+    assert proc.returncode == 1 and "embed_corpus: refused: input" in proc.stdout + proc.stderr
+    status = ray_head.ray("job", "status", "--address", ray_head.url, "refused-1")
+    assert "failed with exit code 2" in status.stdout + status.stderr, status.stdout + status.stderr
