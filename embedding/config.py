@@ -19,6 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_DTYPES = ("float32", "float16")
 ID_TYPES = ("auto", "string", "int64")
 DEVICES = ("auto", "cpu", "cuda")
+PROGRESS = ("auto", "bars", "log", "none")
 
 
 def _allowed(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -80,6 +81,11 @@ class JobConfig:
     ray_address: str | None = None
     run_id: str | None = None
     log_level: str = "INFO"
+    # Progress: Ray Data's bars in a terminal, else a log line every `progress_interval`
+    # (see progress.py). `gpu_hour_price` (currency per GPU-hour) prices the run report.
+    progress: str = "auto"
+    progress_interval: float = 30.0
+    gpu_hour_price: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +118,12 @@ class JobConfig:
         _allowed("id_type", self.id_type, ID_TYPES)
         _allowed("device", self.device, DEVICES)
         _allowed("log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+        _allowed("progress", self.progress, PROGRESS)
+        _positive("progress_interval", self.progress_interval)
+        if self.gpu_hour_price is not None and not 0 <= self.gpu_hour_price < 1000:
+            raise ValueError(
+                f"`gpu_hour_price` is the price of one GPU-hour and must be in [0, 1000); got {self.gpu_hour_price!r}"
+            )
         if self.max_length is not None and not 8 <= self.max_length <= 8192:
             raise ValueError(
                 f"`max_length` must be between 8 and 8192 tokens, specials included; got {self.max_length}"
@@ -168,12 +180,15 @@ class JobConfig:
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for reports; the settings hold no secrets (credentials never enter them)."""
+        """Plain values for reports, with anything that looks like a secret masked
+        (credentials never enter the settings, but a URL may carry a password or signature)."""
+        from embedding.logs import redact
+
         out = dataclasses.asdict(self)
         out.pop("extra")
         out["inputs"] = list(self.inputs)
         out["keep_columns"] = list(self.keep_columns)
-        return out
+        return redact(out)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from embedding import ledger, storage
+from embedding import ledger, progress, storage
 from embedding import schema as S
 from embedding.config import JobConfig
 from embedding.model import ModelSpec, resolve_model
@@ -90,6 +90,10 @@ class RunReport:
     wall_seconds: float = 0.0
     rows_per_second: float = 0.0
     tokens_per_second: float = 0.0
+    # The cluster's GPUs over the embedding phase (see progress.py), priced by --gpu-hour-price.
+    gpu_hours: float = 0.0
+    gpu_hour_price: float | None = None
+    estimated_cost: float | None = None
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -213,7 +217,13 @@ def run(config: JobConfig) -> RunReport:
     lease.acquire()
     lease.keep_alive()
     report = RunReport(
-        run_id=run_id, output=config.output, model=spec.source, revision=spec.revision, settings=config.to_dict()
+        run_id=run_id,
+        output=config.output,
+        model=spec.source,
+        revision=spec.revision,
+        settings=config.to_dict(),
+        gpu_hour_price=config.gpu_hour_price,
+        estimated_cost=progress.estimated_cost(0.0, config.gpu_hour_price),
     )
     try:
         recorded = ledger.read_job(config.output)
@@ -339,6 +349,8 @@ def _embed(
         threads = config.threads_per_actor or max(1, round(config.cpus_per_actor))
     min_actors = min(config.min_actors, max_actors)
 
+    # Before the Dataset exists: it copies Ray Data's context (progress bars on or off).
+    tracker = progress.for_run(config, work.todo, report)
     items = [asdict(s) for s in work.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Reads use a different CPU share from the tokenizer so that Ray does not fuse the two:
@@ -418,8 +430,9 @@ def _embed(
                 done[key] = (tasks[key], result)
                 _account(report, result, replaced=key in work.changed)
 
-    for meta in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for meta in tracker.track(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
         for row in meta.to_pylist():
+            tracker.observe(row)
             key = row["shard"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             if row["total"] >= 0:
@@ -441,6 +454,7 @@ def _embed(
     while pending:
         collect(timeout=10)
         lease.renew()
+    tracker.finish()
 
     _count_duplicates(report, hashes, hashed)
     if config.overwrite:

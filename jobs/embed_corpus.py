@@ -3,20 +3,47 @@
 Every flag has a YAML key of the same name (``--text-column`` -> ``text_column``). Settings
 come from the defaults, then ``--config job.yaml``, then the flags given.
 
-Exit status: 0 done; 1 the run failed (see the one-line reason); 2 refused before starting
-(bad setting, missing input or model, settings that differ from the output's, another run
-writing the output); 3 done, but more rows were rejected than --max-rejected-fraction allows.
+Exit status (:class:`Exit`, the one place the codes are defined; schedulers branch on them):
+
+====  ===================  ==============================================================
+code  name                 meaning
+====  ===================  ==============================================================
+0     OK                   done; the output is complete for the inputs seen
+1     FAILED               the run started and failed; rerun to complete (nothing partial is
+                           visible); one line on stderr says why
+2     REFUSED              refused before any work: bad setting, missing input or model,
+                           output inside the input, settings that differ from the output's,
+                           another run holds the output's lock
+3     REJECTED_ABOVE_LIMIT done and committed, but more rows were rejected than
+                           --max-rejected-fraction allows
+130   INTERRUPTED          stopped by SIGINT (Ctrl-C); rerun to complete
+====  ===================  ==============================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import sys
 
-from embedding.config import DEFAULT_MODEL, DTYPES, FORMATS, ID_TYPES, OUTPUT_DTYPES, JobConfig
+from embedding.config import DEFAULT_MODEL, DTYPES, FORMATS, ID_TYPES, OUTPUT_DTYPES, PROGRESS, JobConfig
+from embedding.logs import configure_logging, redact_text
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_TOO_MANY_REJECTED = 0, 1, 2, 3
+
+class Exit(enum.IntEnum):
+    """The process exit codes; documented in this module's docstring and the README."""
+
+    OK = 0
+    FAILED = 1
+    REFUSED = 2
+    REJECTED_ABOVE_LIMIT = 3  # --max-rejected-fraction exceeded; the output is committed
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+EPILOG = """exit status: 0 done; 1 failed (rerun to complete); 2 refused before starting;
+3 done, but more rows rejected than --max-rejected-fraction allows; 130 interrupted.
+The run report is written to <output>/_runs/<run-id>.json."""
 
 
 def _csv(value: str) -> list[str]:
@@ -32,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             "cluster or this machine, and write the vectors as Parquet."
         ),
         argument_default=argparse.SUPPRESS,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--config", help="YAML file of settings; keys are the long flag names with _ (flags override it)")
@@ -113,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--run-id", help="name of this run's report [default: UTC time + random suffix]")
     o.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="[default: INFO]")
+    o.add_argument(
+        "--progress",
+        choices=PROGRESS,
+        help="bars: Ray Data's progress bars; log: a progress line every --progress-interval seconds; "
+        "auto: bars in a terminal, else log [default: auto]",
+    )
+    o.add_argument(
+        "--progress-interval", type=float, metavar="SECONDS", help="seconds between progress lines [default: 30]"
+    )
+    o.add_argument(
+        "--gpu-hour-price",
+        type=float,
+        metavar="PRICE",
+        help="price of one GPU-hour; the run report then estimates the run's cost [default: none]",
+    )
     return p
 
 
@@ -122,13 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = JobConfig.from_sources(yaml_path, args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"embed_corpus: refused: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+        return _stop(Exit.REFUSED, str(e))
+    configure_logging(config.log_level)
     from embedding import pipeline
     from embedding.ledger import LockedError
     from embedding.model import ModelNotFoundError
@@ -145,24 +184,38 @@ def main(argv: list[str] | None = None) -> int:
         PermissionError,
         ValueError,
     ) as e:
-        print(f"embed_corpus: refused: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _stop(Exit.REFUSED, str(e))
     except pipeline.TooManyRejectedError as e:
-        print(f"embed_corpus: too many rejected rows: {e}", file=sys.stderr)
-        return EXIT_TOO_MANY_REJECTED
+        return _stop(Exit.REJECTED_ABOVE_LIMIT, str(e))
+    except KeyboardInterrupt:
+        return _stop(Exit.INTERRUPTED, "stopped by SIGINT; rerun to complete")
     except Exception as e:  # one line for schedulers; the traceback goes to the debug log
         logging.getLogger(__name__).debug("run failed", exc_info=True)
-        print(f"embed_corpus: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _stop(Exit.FAILED, f"{type(e).__name__}: {e}")
     print(
         f"run {report.run_id}: {report.shards_seen} shards seen, {report.shards_skipped} skipped, "
         f"{report.shards_embedded} embedded ({report.shards_replaced} replaced), {report.shards_pruned} pruned; "
         f"{report.rows_embedded} rows embedded, {report.rows_rejected} rejected, "
         f"{report.tokens} tokens in {report.wall_seconds:.1f} s "
         f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s) "
-        f"on {report.device}/{report.dtype} -> {report.output}"
+        f"on {report.device}/{report.dtype}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
     )
-    return EXIT_OK
+    return Exit.OK
+
+
+def _cost(report) -> str:
+    return "" if report.estimated_cost is None else f" (est. cost {report.estimated_cost:.2f})"
+
+
+def _stop(code: Exit, message: str) -> int:
+    """One line on stderr for schedulers, secrets masked; returns ``code``."""
+    word = {
+        Exit.REFUSED: "refused",
+        Exit.INTERRUPTED: "interrupted",
+        Exit.REJECTED_ABOVE_LIMIT: "too many rejected rows",
+    }.get(code, "failed")
+    print(f"embed_corpus: {word}: {redact_text(message)}", file=sys.stderr)
+    return int(code)
 
 
 if __name__ == "__main__":
