@@ -7,7 +7,8 @@
       ▼
     read_shards        CPU tasks      file -> Arrow chunks {id, text, row, ...}; bad rows flagged
       ▼
-    Tokenize           CPU actors     text -> token ids (sentencepiece + fairseq offset)
+    Tokenize           CPU actors     text -> token ids (sentencepiece + fairseq offset);
+                                      with --chunk, one row per passage
       ▼
     Encode             GPU actors     ids -> vectors (length-sorted, token-budget batches)
       │                (CPU actors with explicit threads where the cluster has no GPU)
@@ -135,7 +136,7 @@ def run(config: JobConfig) -> RunReport:
     from ray.data import ActorPoolStrategy
 
     from embedding.encode import Encode
-    from embedding.tokenize import Tokenize
+    from embedding.tokenize import ChunkSpec, Tokenize
 
     started = time.monotonic()
     check_output_outside_inputs(config)
@@ -150,6 +151,15 @@ def run(config: JobConfig) -> RunReport:
         format_override=config.format,
         chunk_rows=config.read_chunk_rows,
     )
+
+    chunk = None
+    if config.chunk:
+        chunk = ChunkSpec(tokens=config.chunk_tokens or spec.max_length, overlap=config.chunk_overlap)
+        if chunk.tokens > spec.max_length:
+            raise ConfigError(
+                f"`chunk_tokens` {chunk.tokens} exceeds model {spec.source}'s limit of {spec.max_length} tokens"
+            )
+    chunk_metadata = {"chunk_tokens": chunk.tokens, "chunk_overlap": chunk.overlap} if chunk else {}
 
     _init_ray(config)
     gpus = ray.cluster_resources().get("GPU", 0) if config.device != "cpu" else 0
@@ -172,7 +182,10 @@ def run(config: JobConfig) -> RunReport:
             max_length=spec.max_length,
             tokenizer=spec.tokenizer.kind,
             job_version=JOB_VERSION,
+            **chunk_metadata,
         ),
+        chunked=chunk is not None,
+        keep_text=config.keep_text,
     )
     staging = storage.join(config.output, STAGING, run_id)
     report = RunReport(
@@ -213,6 +226,7 @@ def run(config: JobConfig) -> RunReport:
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_args=(spec.tokenizer,),
+        fn_constructor_kwargs={"chunk": chunk, "keep_text": config.keep_text},
         batch_size=config.window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
@@ -245,6 +259,9 @@ def run(config: JobConfig) -> RunReport:
 
     commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3)
     staged: dict[str, int] = {}
+    # Output rows staged and expected per shard; they differ only while a chunked shard has
+    # documents whose later passages are not staged yet.
+    passages: dict[str, list[int]] = {}
     totals: dict[str, int] = {}
     pending: dict[str, ray.ObjectRef] = {}
     committed: set[str] = set()
@@ -252,13 +269,17 @@ def run(config: JobConfig) -> RunReport:
     def maybe_commit(key: str) -> None:
         if key in pending or key in committed or key not in totals:
             return
-        if staged.get(key, 0) >= totals[key]:
+        staged_passages, expected_passages = passages.get(key, (0, 0))
+        if staged.get(key, 0) >= totals[key] and staged_passages >= expected_passages:
             pending[key] = commit.remote(config.output, staging, key, totals[key], out_format)
 
     for meta in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in meta.to_pylist():
             key = row["shard"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
+            counts = passages.setdefault(key, [0, 0])
+            counts[0] += row["passages"]
+            counts[1] += row["passages_expected"]
             if row["total"] >= 0:
                 totals[key] = row["total"]
             report.tokens += row["tokens"]
