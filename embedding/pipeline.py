@@ -61,6 +61,7 @@ class RunReport:
     rows_in: int = 0
     rows_embedded: int = 0
     rows_rejected: int = 0
+    passages_embedded: int = 0  # output rows; more than rows_embedded with --chunk
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     wall_seconds: float = 0.0
@@ -314,6 +315,7 @@ def run(config: JobConfig) -> RunReport:
 
 def _account(report: RunReport, result: CommitResult) -> None:
     report.rows_embedded += result.rows
+    report.passages_embedded += result.passages
     report.rows_rejected += result.rejected
     for reason, n in result.reasons.items():
         report.rejected_by_reason[reason] = report.rejected_by_reason.get(reason, 0) + n

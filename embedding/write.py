@@ -205,10 +205,11 @@ def _check_passages(shard_key: str, rows: np.ndarray, passages: np.ndarray, coun
 @dataclass(frozen=True)
 class CommitResult:
     shard: str
-    rows: int
+    rows: int  # input rows embedded (documents)
     rejected: int
     path: str
     reasons: dict[str, int]
+    passages: int = 0  # output rows: one per passage with --chunk, else equal to rows
 
 
 def _read_parts(urls: list[str]) -> pa.Table | None:
@@ -268,4 +269,11 @@ def commit_shard(output: str, staging: str, shard_key: str, total: int, out_form
     reasons = (
         {str(r["values"]): int(r["counts"]) for r in pc.value_counts(bad["reason"]).to_pylist()} if bad.num_rows else {}
     )
-    return CommitResult(shard=shard_key, rows=good.num_rows, rejected=bad.num_rows, path=path, reasons=reasons)
+    return CommitResult(
+        shard=shard_key,
+        rows=len(good_rows),
+        rejected=bad.num_rows,
+        path=path,
+        reasons=reasons,
+        passages=good.num_rows,
+    )

@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     print(
         f"run {report.run_id}: {report.shards_committed}/{report.shards_seen} shards, "
-        f"{report.rows_embedded} rows embedded, {report.rows_rejected} rejected, "
+        f"{report.rows_embedded} rows embedded"
+        + (f" as {report.passages_embedded} passages" if config.chunk else "")
+        + f", {report.rows_rejected} rejected, "
         f"{report.tokens} tokens in {report.wall_seconds:.1f} s "
         f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s) "
         f"on {report.device}/{report.dtype} -> {report.output}"
