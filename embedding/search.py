@@ -78,7 +78,27 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
-class QueryEncoder:
+class TextEncoder:
+    """Texts -> vectors exactly as the job computes them (its tokenizer, model and pooling), in-process."""
+
+    def __init__(self, spec, device: str = "auto", dtype: str = "float32") -> None:
+        from embedding.encode import EncoderModel, resolve_device
+        from embedding.tokenize import load_tokenizer
+
+        self.device = resolve_device(device)
+        # float16 only where it runs (CUDA).
+        self.dtype = "float32" if dtype == "float16" and self.device != "cuda" else dtype
+        self.tokenizer = load_tokenizer(spec.tokenizer)
+        self.model = EncoderModel(spec, self.device, self.dtype)
+        self.spec = spec
+
+    def __call__(self, texts: list[str], batch_tokens: int = 8192) -> np.ndarray:
+        """(len(texts), dim) float32, truncated at the token limit as in the job."""
+        ids = self.tokenizer.encode(list(texts))
+        return self.model.embed(ids, max(batch_tokens, self.spec.max_length), 256)
+
+
+class QueryEncoder(TextEncoder):
     """Query texts -> vectors, with the model and settings an output was written with.
 
     ``model`` overrides where the model is loaded from (a local copy of the same model); its
@@ -93,9 +113,7 @@ class QueryEncoder:
         device: str = "auto",
         allow_other_revision: bool = False,
     ) -> None:
-        from embedding.encode import EncoderModel, resolve_device
         from embedding.model import resolve_model
-        from embedding.tokenize import load_tokenizer
 
         source = model or metadata["embedding.model"]
         spec = resolve_model(source, int(metadata["embedding.max_length"]))
@@ -115,18 +133,8 @@ class QueryEncoder:
                 f"model {source} pools {spec.pooling} into {spec.dim} dimensions; the output has "
                 f"{metadata['embedding.pooling']} and {metadata['embedding.dim']}"
             )
-        self.device = resolve_device(device)
-        # The dtype the corpus was embedded in; float16 only where it runs (CUDA).
-        dtype = metadata.get("embedding.compute_dtype", "float32")
-        self.dtype = "float32" if dtype == "float16" and self.device != "cuda" else dtype
-        self.tokenizer = load_tokenizer(spec.tokenizer)
-        self.model = EncoderModel(spec, self.device, self.dtype)
-        self.spec = spec
-
-    def __call__(self, texts: list[str], batch_tokens: int = 8192) -> np.ndarray:
-        """(len(texts), dim) float32, as the job computes them (truncated at the token limit)."""
-        ids = self.tokenizer.encode(list(texts))
-        return self.model.embed(ids, max(batch_tokens, self.spec.max_length), 256)
+        # The dtype the corpus was embedded in.
+        super().__init__(spec, device, metadata.get("embedding.compute_dtype", "float32"))
 
 
 @dataclass
