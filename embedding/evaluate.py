@@ -80,10 +80,21 @@ def cosine_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """JSON Lines (JSTS, AIO), or one JSON array (DPR's question files)."""
+    """JSON Lines (JSTS, AIO), one JSON array (DPR's retriever files), or DPR's question TSV
+    (``question<TAB>["answer", ...]``); local or any fsspec URL, optionally ``.gz``/``.zst``."""
+    import ast
+
     from embedding import storage
 
-    text = storage.read_bytes(path).decode("utf-8")
+    with storage.open_input(path) as f:
+        text = f.read().decode("utf-8")
+    if ".tsv" in path.rsplit("/", 1)[-1]:
+        rows = []
+        for line in text.splitlines():
+            if line.strip():
+                question, answers = line.split("\t", 1)
+                rows.append({"question": question, "answers": ast.literal_eval(answers.strip())})
+        return rows
     if text.lstrip().startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
