@@ -73,6 +73,10 @@ class JobConfig:
     max_actors: int | None = None
     tokenizer_actors: int = 1
     tokenizer_cpus: float = 0.5
+    # Output protocol: --overwrite replaces an output made with other settings; --prune
+    # removes the output of shards that are gone from the inputs.
+    overwrite: bool = False
+    prune: bool = False
     ray_address: str | None = None
     run_id: str | None = None
     log_level: str = "INFO"

@@ -23,6 +23,7 @@ Backpressure is Ray Data's streaming executor: no stage materialises the corpus.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,13 +34,23 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
+from embedding import ledger, storage
 from embedding import schema as S
-from embedding import storage
 from embedding.config import JobConfig
 from embedding.model import ModelSpec, resolve_model
 from embedding.read import InputLayout, probe_layout, read_shard
 from embedding.storage import Shard
-from embedding.write import RUNS, STAGING, CommitResult, WriteParts, commit_shard, output_key
+from embedding.write import (
+    RUNS,
+    STAGING,
+    CommitResult,
+    CommitTask,
+    WriteParts,
+    commit_shard,
+    output_key,
+    publish_deferred,
+    remove_shard_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +59,27 @@ JOB_VERSION = "0.1.0"
 
 @dataclass
 class RunReport:
-    """What a run did; written to ``_runs/<run_id>.json`` and printed by the CLI."""
+    """What a run did; written to ``_runs/<run_id>.json`` and printed by the CLI.
+
+    Shards: ``seen`` in the inputs = ``skipped`` (committed before, unchanged) + ``embedded``
+    (new or changed; ``replaced`` counts the changed ones). ``removed`` shards are committed
+    but gone from the inputs; ``pruned`` of them were deleted (``--prune``/``--overwrite``).
+    Rows and tokens count this run's work only.
+    """
 
     run_id: str
     output: str
     model: str
     revision: str
-    device: str
-    dtype: str
+    status: str = "running"
+    device: str = ""
+    dtype: str = ""
     shards_seen: int = 0
-    shards_committed: int = 0
+    shards_skipped: int = 0
+    shards_embedded: int = 0
+    shards_replaced: int = 0
+    shards_removed: int = 0
+    shards_pruned: int = 0
     rows_in: int = 0
     rows_embedded: int = 0
     rows_rejected: int = 0
@@ -131,18 +153,43 @@ def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
     return ray.get(task.remote("cuda" if use_gpu else config.device, config.dtype))
 
 
+def identity_of(config: JobConfig, spec: ModelSpec, layout: InputLayout) -> dict:
+    """The settings that decide what the vectors are; recorded in ``_job.json``."""
+    return {
+        "model": spec.source,
+        "revision": spec.revision,
+        "pooling": spec.pooling,
+        "normalized": spec.normalize,
+        "max_length": spec.max_length,
+        "dtype": config.dtype,
+        "output_dtype": config.output_dtype,
+        "tokenizer": spec.tokenizer.kind,
+        "text_column": config.text_column,
+        "id_column": config.id_column,
+        "id_type": layout.id_type,
+        "keep_columns": list(config.keep_columns),
+        "dim": spec.dim,
+        "job_version": JOB_VERSION,
+        # Recorded only where used, so outputs written before these settings existed keep their identity.
+        **(
+            {"chunk_tokens": config.chunk_tokens or spec.max_length, "chunk_overlap": config.chunk_overlap}
+            if config.chunk
+            else {}
+        ),
+        **({"keep_text": True} if config.keep_text else {}),
+    }
+
+
 def run(config: JobConfig) -> RunReport:
-    """Embed every shard of ``config.inputs`` into ``config.output``. Returns the run report."""
-    import ray
-    from ray.data import ActorPoolStrategy
+    """Bring ``config.output`` up to date with ``config.inputs``. Returns the run report.
 
-    from embedding.encode import Encode
-    from embedding.tokenize import ChunkSpec, Tokenize
-
+    Unchanged committed shards are skipped without starting Ray; new and changed shards are
+    embedded and committed one by one; see :mod:`embedding.ledger` and :mod:`embedding.write`.
+    """
     started = time.monotonic()
     check_output_outside_inputs(config)
     shards = list_inputs(config)
-    spec: ModelSpec = resolve_model(config.model, config.max_length)
+    spec = resolve_model(config.model, config.max_length)
     layout = probe_layout(
         shards[0],
         text_column=config.text_column,
@@ -152,6 +199,76 @@ def run(config: JobConfig) -> RunReport:
         format_override=config.format,
         chunk_rows=config.read_chunk_rows,
     )
+    identity = identity_of(config, spec, layout)
+    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    lease = ledger.Lease(config.output, run_id)
+    lease.acquire()
+    lease.keep_alive()
+    report = RunReport(
+        run_id=run_id, output=config.output, model=spec.source, revision=spec.revision, settings=config.to_dict()
+    )
+    try:
+        recorded = ledger.read_job(config.output)
+        if not config.overwrite:
+            ledger.check_job(config.output, identity, recorded)
+        work = ledger.plan(
+            shards, ledger.read_markers(config.output), ledger.settings_digest(identity), overwrite=config.overwrite
+        )
+        report.shards_seen = len(shards)
+        report.shards_skipped = len(work.unchanged)
+        report.shards_removed = len(work.removed)
+        # Parts left by a run that died; the lease says no other run is writing them.
+        storage.remove_tree(storage.join(config.output, STAGING))
+        logger.info(
+            "run %s: %d shard(s) in the inputs: %d committed and unchanged, %d to embedding (%d changed), "
+            "%d gone from the inputs",
+            run_id,
+            len(shards),
+            len(work.unchanged),
+            len(work.todo),
+            len(work.changed),
+            len(work.removed),
+        )
+        if work.todo:
+            _embed(config, spec, layout, identity, recorded, work, run_id, lease, report)
+        if config.prune or config.overwrite:
+            for key in work.removed:
+                remove_shard_output(config.output, key, ledger.read_markers(config.output).get(key, []))
+            report.shards_pruned = len(work.removed)
+        report.status = "succeeded"
+    except BaseException:
+        report.status = "failed"
+        raise
+    finally:
+        report.rows_in = report.rows_embedded + report.rows_rejected
+        report.wall_seconds = round(time.monotonic() - started, 3)
+        if report.wall_seconds:
+            report.rows_per_second = round(report.rows_in / report.wall_seconds, 1)
+            report.tokens_per_second = round(report.tokens / report.wall_seconds, 1)
+        try:
+            storage.write_bytes_atomic(storage.join(config.output, RUNS, f"{run_id}.json"), report.to_json().encode())
+        finally:
+            lease.release()
+    return report
+
+
+def _embed(
+    config: JobConfig,
+    spec: ModelSpec,
+    layout: InputLayout,
+    identity: dict,
+    recorded: dict | None,
+    work: ledger.Plan,
+    run_id: str,
+    lease: ledger.Lease,
+    report: RunReport,
+) -> None:
+    """Run the Ray Data pipeline over ``work.todo`` and commit each shard as it completes."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from embedding.encode import Encode
+    from embedding.tokenize import ChunkSpec, Tokenize
 
     chunk = None
     if config.chunk:
@@ -166,7 +283,13 @@ def run(config: JobConfig) -> RunReport:
     gpus = ray.cluster_resources().get("GPU", 0) if config.device != "cpu" else 0
     use_gpu = gpus > 0
     hw = _probe(config, use_gpu)
-    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    report.device, report.dtype = hw["device"], hw["dtype"]
+    identity = {**identity, "compute_dtype": hw["dtype"]}
+    if recorded is not None and not config.overwrite:
+        ledger.check_job(config.output, identity, recorded, fields=("compute_dtype",))
+    if recorded is None or (not config.overwrite and recorded != identity):
+        ledger.write_job(config.output, identity)
+
     out_format = S.OutputFormat(
         id_type=layout.id_type,
         dim=spec.dim,
@@ -189,21 +312,9 @@ def run(config: JobConfig) -> RunReport:
         keep_text=config.keep_text,
     )
     staging = storage.join(config.output, STAGING, run_id)
-    report = RunReport(
-        run_id=run_id,
-        output=config.output,
-        model=spec.source,
-        revision=spec.revision,
-        device=hw["device"],
-        dtype=hw["dtype"],
-        shards_seen=len(shards),
-        settings=config.to_dict(),
-    )
     logger.info(
-        "run %s: %d shard(s) -> %s with %s@%s on %s/%s",
-        run_id,
-        len(shards),
-        config.output,
+        "embedding %d shard(s) with %s@%s on %s/%s",
+        len(work.todo),
         spec.source,
         spec.revision[:12],
         hw["device"],
@@ -221,8 +332,10 @@ def run(config: JobConfig) -> RunReport:
         threads = config.threads_per_actor or max(1, round(config.cpus_per_actor))
     min_actors = min(config.min_actors, max_actors)
 
-    items = [asdict(s) for s in shards]
+    items = [asdict(s) for s in work.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Reads use a different CPU share from the tokenizer so that Ray does not fuse the two:
+    # reads then run as parallel tasks, tokenization on its own actors.
     ds = ds.map_batches(_read_stage, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     ds = ds.map_batches(
         Tokenize,
@@ -258,6 +371,7 @@ def run(config: JobConfig) -> RunReport:
         num_cpus=0.25,
     )
 
+    by_key = {s.key: s for s in work.todo}
     commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3)
     staged: dict[str, int] = {}
     # Output rows staged and expected per shard; they differ only while a chunked shard has
@@ -265,14 +379,33 @@ def run(config: JobConfig) -> RunReport:
     passages: dict[str, list[int]] = {}
     totals: dict[str, int] = {}
     pending: dict[str, ray.ObjectRef] = {}
-    committed: set[str] = set()
+    done: dict[str, tuple[CommitTask, CommitResult]] = {}
+    tasks: dict[str, CommitTask] = {}
 
-    def maybe_commit(key: str) -> None:
-        if key in pending or key in committed or key not in totals:
-            return
-        staged_passages, expected_passages = passages.get(key, (0, 0))
-        if staged.get(key, 0) >= totals[key] and staged_passages >= expected_passages:
-            pending[key] = commit.remote(config.output, staging, key, totals[key], out_format)
+    def start_commit(key: str) -> None:
+        tasks[key] = CommitTask(
+            output=config.output,
+            staging=staging,
+            shard=by_key[key],
+            total=totals[key],
+            out_format=out_format,
+            digest=work.digests[key],
+            stale=tuple(work.stale.get(key, ())),
+            run_id=run_id,
+            deferred=config.overwrite,
+        )
+        pending[key] = commit.remote(tasks[key])
+
+    def collect(timeout: float | None) -> None:
+        keys = list(pending)
+        refs = [pending[k] for k in keys]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        ready_set = set(ready)
+        for key, ref in zip(keys, refs, strict=True):
+            if ref in ready_set:
+                result = ray.get(pending.pop(key))
+                done[key] = (tasks[key], result)
+                _account(report, result, replaced=key in work.changed)
 
     for meta in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in meta.to_pylist():
@@ -284,36 +417,46 @@ def run(config: JobConfig) -> RunReport:
             if row["total"] >= 0:
                 totals[key] = row["total"]
             report.tokens += row["tokens"]
-            maybe_commit(key)
-        done = [k for k, ref in pending.items() if ray.wait([ref], timeout=0)[0]]
-        for key in done:
-            _account(report, ray.get(pending.pop(key)))
-            committed.add(key)
+            if (
+                key in totals
+                and key not in pending
+                and key not in done
+                and staged[key] >= totals[key]
+                and counts[0] >= counts[1]
+            ):
+                start_commit(key)
+        collect(timeout=0)
+        lease.renew()
 
-    missing = [s.key for s in shards if s.key not in totals]
+    missing = [k for k in by_key if k not in totals]
     if missing:
         raise RuntimeError(
             f"{len(missing)} shard(s) never reported their end (e.g. {missing[0]}); nothing was "
             "committed for them. Rerun to complete the output"
         )
     for key in totals:
-        if key not in pending and key not in committed:
-            pending[key] = commit.remote(config.output, staging, key, totals[key], out_format)
-    for key, ref in pending.items():
-        _account(report, ray.get(ref))
-        committed.add(key)
+        if key not in pending and key not in done:
+            start_commit(key)
+    while pending:
+        collect(timeout=10)
+        lease.renew()
+
+    if config.overwrite:
+        # Everything is staged; now swap it in, one atomic replace per file. Shards gone from
+        # the inputs leave first, so a crash here leaves no file of the old settings behind
+        # that a later run would keep (unpublished shards still carry old markers and are redone).
+        markers = ledger.read_markers(config.output)
+        for key in work.removed:
+            remove_shard_output(config.output, key, markers.get(key, []))
+        ledger.write_job(config.output, identity)
+        for task, result in done.values():
+            publish_deferred(dataclasses.replace(task, stale=tuple(markers.get(task.shard.key, ()))), result)
     storage.remove_tree(staging)
 
-    report.shards_committed = len(committed)
-    report.rows_in = report.rows_embedded + report.rows_rejected
-    report.wall_seconds = round(time.monotonic() - started, 3)
-    report.rows_per_second = round(report.rows_in / report.wall_seconds, 1) if report.wall_seconds else 0.0
-    report.tokens_per_second = round(report.tokens / report.wall_seconds, 1) if report.wall_seconds else 0.0
-    storage.write_bytes_atomic(storage.join(config.output, RUNS, f"{run_id}.json"), report.to_json().encode())
-    return report
 
-
-def _account(report: RunReport, result: CommitResult) -> None:
+def _account(report: RunReport, result: CommitResult, *, replaced: bool) -> None:
+    report.shards_embedded += 1
+    report.shards_replaced += int(replaced)
     report.rows_embedded += result.rows
     report.passages_embedded += result.passages
     report.rows_rejected += result.rejected

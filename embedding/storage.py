@@ -53,7 +53,12 @@ class Shard:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and protocol-less path for ``url``."""
+    """Filesystem and protocol-less path for ``url``.
+
+    Object-store listings are never cached: a run decides what to skip from listings, and a
+    long-lived driver must see what other processes wrote since."""
+    if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "abfs://", "az://")):
+        return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
 
 
@@ -191,6 +196,19 @@ def remove(urls: list[str]) -> None:
         fs.rm(paths)
 
 
+def move(src: str, dst: str) -> None:
+    """Replace ``dst`` with ``src`` in one step for readers of ``dst``: a rename locally, a
+    server-side copy (atomic per object) then a delete on object stores."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_local(src):
+        os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
+        os.replace(src_path, dst_path)
+        return
+    fs.copy(src_path, dst_path)
+    fs.rm(src_path)
+
+
 def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
@@ -234,6 +252,33 @@ def atomic_open(url: str) -> Iterator[IO[bytes]]:
 def write_bytes_atomic(url: str, data: bytes) -> None:
     with atomic_open(url) as f:
         f.write(data)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create ``url`` only if it does not exist; False if it does. ``O_EXCL`` locally,
+    ``If-None-Match: *`` on S3 (other stores: an existence check, not race-free)."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if fs.protocol and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
 
 
 def local_cache_dir() -> str:

@@ -32,6 +32,7 @@ import hashlib
 import io
 import logging
 import posixpath
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedding import ledger, storage
 from embedding import schema as S
-from embedding import storage
+from embedding.storage import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +205,21 @@ def _check_passages(shard_key: str, rows: np.ndarray, passages: np.ndarray, coun
 
 
 @dataclass(frozen=True)
+class CommitTask:
+    """One shard to publish; built by the driver, run as a small Ray task."""
+
+    output: str
+    staging: str
+    shard: Shard
+    total: int
+    out_format: S.OutputFormat
+    digest: str  # this version's marker digest
+    stale: tuple[str, ...]  # marker digests of older versions, deleted after the commit
+    run_id: str
+    deferred: bool = False  # --overwrite: write into staging; the driver publishes all at the end
+
+
+@dataclass(frozen=True)
 class CommitResult:
     shard: str
     rows: int  # input rows embedded (documents)
@@ -230,50 +247,94 @@ def _dedupe(table: pa.Table, row_column: str, passage_column: str | None = None)
     return table.take(pa.array(order[first]))
 
 
-def commit_shard(output: str, staging: str, shard_key: str, total: int, out_format: S.OutputFormat) -> CommitResult:
-    """Publish one shard: merge its parts, verify every row is there once, write atomically."""
-    directory = shard_dir(staging, shard_key)
-    part_urls = storage.list_files(directory, "part-*.parquet")
-    rejected_urls = storage.list_files(directory, "rejected-*.parquet")
-    schema = out_format.schema()
-    chunked = out_format.chunked
-    good = _read_parts(part_urls)
+def commit_shard(task: CommitTask) -> CommitResult:
+    """Publish one shard: merge its parts, verify every row is there once, write atomically,
+    then record the shard's marker and drop the markers of its older versions."""
+    key = task.shard.key
+    directory = shard_dir(task.staging, key)
+    schema = task.out_format.schema()
+    chunked = task.out_format.chunked
+    good = _read_parts(storage.list_files(directory, "part-*.parquet"))
     if good is not None:
         good = _dedupe(good, S.ROW, S.PASSAGE if chunked else None)
     else:
         good = schema.empty_table().append_column(S.ROW, pa.array([], pa.int64()))
         if chunked:
             good = good.append_column(S.PASSAGES, pa.array([], pa.int32()))
-    bad = _read_parts(rejected_urls)
+    bad = _read_parts(storage.list_files(directory, "rejected-*.parquet"))
     bad = _dedupe(bad, "row") if bad is not None else S.rejected_schema().empty_table()
 
     good_rows = good[S.ROW].to_numpy()
     if chunked:
-        _check_passages(shard_key, good_rows, good[S.PASSAGE].to_numpy(), good[S.PASSAGES].to_numpy())
+        _check_passages(key, good_rows, good[S.PASSAGE].to_numpy(), good[S.PASSAGES].to_numpy())
         good_rows = np.unique(good_rows)  # sorted by (row, passage): one entry per document
     seen = np.concatenate([good_rows, bad["row"].to_numpy()])
-    if len(seen) != total or (total and not np.array_equal(np.sort(seen), np.arange(total))):
-        missing = np.setdiff1d(np.arange(total), seen)
+    if len(seen) != task.total or (task.total and not np.array_equal(np.sort(seen), np.arange(task.total))):
+        missing = np.setdiff1d(np.arange(task.total), seen)
         raise IncompleteShardError(
-            f"shard {shard_key}: staged parts hold {len(np.unique(seen))} of {total} rows "
+            f"shard {key}: staged parts hold {len(np.unique(seen))} of {task.total} rows "
             f"(missing e.g. {missing[:5].tolist()}); nothing was committed for it"
         )
     good = good.drop_columns([S.ROW, S.PASSAGES] if chunked else [S.ROW]).cast(schema)
-    path = storage.join(output, output_key(shard_key))
+    root = deferred_root(task.staging) if task.deferred else task.output
+    path = storage.join(root, output_key(key))
+    rejected_path = storage.join(root, REJECTED, output_key(key))
     with storage.atomic_open(path) as f:
         pq.write_table(good, f, compression="zstd")
     if bad.num_rows:
-        with storage.atomic_open(storage.join(output, REJECTED, output_key(shard_key))) as f:
+        with storage.atomic_open(rejected_path) as f:
             pq.write_table(bad.sort_by("row"), f, compression="zstd")
-    storage.remove_tree(directory)
+    elif not task.deferred:
+        storage.remove([rejected_path])  # an older version's rejects no longer apply
     reasons = (
         {str(r["values"]): int(r["counts"]) for r in pc.value_counts(bad["reason"]).to_pylist()} if bad.num_rows else {}
     )
-    return CommitResult(
-        shard=shard_key,
-        rows=len(good_rows),
-        rejected=bad.num_rows,
-        path=path,
-        reasons=reasons,
-        passages=good.num_rows,
+    result = CommitResult(
+        shard=key, rows=len(good_rows), rejected=bad.num_rows, path=path, reasons=reasons, passages=good.num_rows
     )
+    if not task.deferred:
+        record_commit(task, result)
+    storage.remove_tree(directory)
+    return result
+
+
+def deferred_root(staging: str) -> str:
+    return storage.join(staging, "_final")
+
+
+def record_commit(task: CommitTask, result: CommitResult) -> None:
+    ledger.write_marker(
+        task.output,
+        task.shard.key,
+        task.digest,
+        {
+            "shard": task.shard.url,
+            "size": task.shard.size,
+            "fingerprint": task.shard.fingerprint,
+            "rows": result.rows,
+            "rejected": result.rejected,
+            "run_id": task.run_id,
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    ledger.delete_markers(task.output, task.shard.key, [d for d in task.stale if d != task.digest])
+
+
+def publish_deferred(task: CommitTask, result: CommitResult) -> None:
+    """--overwrite: move a shard's staged files into place (one atomic replace each), then mark it."""
+    okey = output_key(task.shard.key)
+    root = deferred_root(task.staging)
+    staged_rejected = storage.join(root, REJECTED, okey)
+    storage.move(storage.join(root, okey), storage.join(task.output, okey))
+    if result.rejected:
+        storage.move(staged_rejected, storage.join(task.output, REJECTED, okey))
+    else:
+        storage.remove([storage.join(task.output, REJECTED, okey)])
+    record_commit(task, result)
+
+
+def remove_shard_output(output: str, key: str, digests: list[str]) -> None:
+    """--prune (and --overwrite): a shard gone from the inputs leaves the output."""
+    okey = output_key(key)
+    storage.remove([storage.join(output, okey), storage.join(output, REJECTED, okey)])
+    ledger.delete_markers(output, key, digests)

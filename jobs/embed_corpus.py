@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window-rows", type=int, help="rows per encoder call, sorted by length within [default: 2048]")
     r.add_argument("--read-chunk-rows", type=int, help="rows per block read from a shard [default: 8192]")
     o = p.add_argument_group("run")
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output produced with other settings (model, revision, pooling, dtype, max length, ...); "
+        "without it such a run is refused",
+    )
+    o.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the output of shards that are no longer in the inputs (kept by default)",
+    )
     o.add_argument("--ray-address", help="Ray cluster address [default: RAY_ADDRESS, else a local Ray]")
     o.add_argument("--run-id", help="name of this run's report [default: UTC time + random suffix]")
     o.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="[default: INFO]")
@@ -131,12 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from embedding import pipeline
+    from embedding.ledger import LockedError
     from embedding.model import ModelNotFoundError
     from embedding.read import InputError
 
     try:
         report = pipeline.run(config)
-    except (pipeline.ConfigError, InputError, ModelNotFoundError, FileNotFoundError, PermissionError, ValueError) as e:
+    except (
+        pipeline.ConfigError,
+        InputError,
+        ModelNotFoundError,
+        LockedError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+    ) as e:
         print(f"embed_corpus: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except Exception as e:  # one line for schedulers; the traceback goes to the debug log
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embed_corpus: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(
-        f"run {report.run_id}: {report.shards_committed}/{report.shards_seen} shards, "
+        f"run {report.run_id}: {report.shards_seen} shards seen, {report.shards_skipped} skipped, "
+        f"{report.shards_embedded} embedded ({report.shards_replaced} replaced), {report.shards_pruned} pruned; "
         f"{report.rows_embedded} rows embedded"
         + (f" as {report.passages_embedded} passages" if config.chunk else "")
         + f", {report.rows_rejected} rejected, "

@@ -118,7 +118,7 @@ def test_cli_round_trip_local(tiny_model: Path, tmp_path: Path) -> None:
     table = pads.dataset(str(out), format="parquet").to_table()
     check_output(table, expected, tiny_model, "float32")
     report = json.loads((out / "_runs" / "r1.json").read_text())
-    assert report["rows_embedded"] == len(expected) and report["shards_committed"] == 5 and report["tokens"] > 0
+    assert report["rows_embedded"] == len(expected) and report["shards_embedded"] == 5 and report["tokens"] > 0
 
 
 def test_round_trip_s3_with_model_on_s3(tiny_model: Path, bucket: str, ray_local) -> None:
@@ -146,7 +146,7 @@ def test_round_trip_s3_with_model_on_s3(tiny_model: Path, bucket: str, ray_local
     )
     report = pipeline.run(config)
     expected = sample_rows()
-    assert report.rows_embedded == len(expected) and report.rows_rejected == 0 and report.shards_committed == 5
+    assert report.rows_embedded == len(expected) and report.rows_rejected == 0 and report.shards_embedded == 5
 
     fs, root = storage.filesystem(f"{bucket}/embeddings")
     files = sorted(fs.find(root))

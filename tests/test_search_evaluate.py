@@ -21,7 +21,8 @@ from scipy import stats
 
 from embedding import schema as S
 from embedding import storage
-from embedding.write import IncompleteShardError, WriteParts, commit_shard
+from embedding.storage import Shard
+from embedding.write import CommitTask, IncompleteShardError, WriteParts, commit_shard
 from tests.reference import reference_embeddings, reference_ids
 
 EVAL = Path(__file__).resolve().parents[1] / "samples" / "eval"
@@ -85,10 +86,11 @@ def test_commit_with_passages_needs_every_passage_and_drops_retried_duplicates(t
     # Doc 0 has 3 passages split over two batches (one passage staged twice, as by a retry); doc 1 has 1.
     meta1 = write(_passage_batch([(0, 0, 3), (0, 1, 3), (1, 0, 1)])).to_pylist()
     assert meta1[0]["rows"] == 2 and meta1[0]["passages"] == 3 and meta1[0]["passages_expected"] == 4
+    task = CommitTask(out, staging, Shard("s.jsonl", "s.jsonl", 1, "x"), 2, fmt, digest="d", stale=(), run_id="r")
     with pytest.raises(IncompleteShardError, match="row 0 has 2 of its 3 passages"):
-        commit_shard(out, staging, "s.jsonl", 2, fmt)
+        commit_shard(task)
     write(_passage_batch([(0, 1, 3), (0, 2, 3)]))
-    result = commit_shard(out, staging, "s.jsonl", 2, fmt)
+    result = commit_shard(task)
     assert (result.rows, result.passages) == (2, 4)
     table = pq.read_table(tmp_path / "out" / "s.parquet")
     assert table.column_names == ["id", "passage", "char_start", "char_end", "embedding"]
