@@ -7,6 +7,7 @@ correlations from scipy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 from pathlib import Path
@@ -251,3 +252,18 @@ def test_retrieval_accuracy_on_the_bundled_set_matches_an_independent_brute_forc
     assert result.first_hit == first
     assert result.accuracy == pytest.approx(expected)
     assert result.questions == 12 and result.passages == 24
+
+
+def test_passage_settings_are_part_of_the_job_identity_only_when_used() -> None:
+    from embedding import ledger
+
+    base = {name: f"v-{name}" for name in ledger.IDENTITY_FIELDS}
+    chunked = {**base, "chunk_tokens": 128, "chunk_overlap": 16}
+    # Outputs written without passages keep the digest they had before these fields existed.
+    plain_blob = json.dumps({k: base[k] for k in ledger.IDENTITY_FIELDS}, sort_keys=True)
+    assert ledger.settings_digest(base) == hashlib.sha256(plain_blob.encode()).hexdigest()[:16]
+    assert ledger.settings_digest(chunked) != ledger.settings_digest(base)
+    ledger.check_job("out", chunked, chunked)
+    for recorded, this_run in ((chunked, base), (base, chunked), (chunked, {**chunked, "chunk_tokens": 256})):
+        with pytest.raises(ledger.OutputMismatchError, match="chunk_tokens"):
+            ledger.check_job("out", this_run, recorded)
