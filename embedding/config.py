@@ -52,6 +52,12 @@ class JobConfig:
     dtype: str = "auto"
     output_dtype: str = "float32"
     max_length: int | None = None
+    # Passages: split each text into windows of at most `chunk_tokens` tokens (specials
+    # included; None = max_length) sharing `chunk_overlap` tokens, one output row each.
+    chunk: bool = False
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 64
+    keep_text: bool = False
     # Encoder batching: a forward pass holds at most `batch_tokens` tokens, padding included,
     # and at most `batch_rows` texts. None picks a default for the device (see encode.py).
     batch_tokens: int | None = None
@@ -104,13 +110,14 @@ class JobConfig:
                 raise ValueError(f"`{name}` must be a non-empty column name")
         if self.text_column == self.id_column:
             raise ValueError(f"`text_column` and `id_column` must differ; both are {self.text_column!r}")
-        reserved = {self.text_column, self.id_column, "id", "embedding"}
+        reserved = {self.text_column, self.id_column, "id", "embedding", "passage", "char_start", "char_end", "text"}
         clash = [c for c in self.keep_columns if c in reserved or c.startswith("__")]
         if clash:
             raise ValueError(
                 f"`keep_columns` may not name {clash}: the output already has `id` and "
-                "`embedding`, and the text column is not copied (names starting with `__` are "
-                "reserved)"
+                "`embedding` (and `passage`, `char_start`, `char_end` with --chunk, `text` with "
+                "--keep-text), and the text column is copied only by --keep-text (names starting "
+                "with `__` are reserved)"
             )
         _allowed("format", self.format, FORMATS)
         _allowed("dtype", self.dtype, DTYPES)
@@ -127,6 +134,18 @@ class JobConfig:
         if self.max_length is not None and not 8 <= self.max_length <= 8192:
             raise ValueError(
                 f"`max_length` must be between 8 and 8192 tokens, specials included; got {self.max_length}"
+            )
+        if self.chunk_tokens is not None and not 3 <= self.chunk_tokens <= 8192:
+            raise ValueError(
+                f"`chunk_tokens` must be between 3 and 8192 tokens, specials included; got {self.chunk_tokens}"
+            )
+        if not isinstance(self.chunk_overlap, int) or self.chunk_overlap < 0:
+            raise ValueError(f"`chunk_overlap` must be a whole number of tokens ≥ 0; got {self.chunk_overlap!r}")
+        size = self.chunk_tokens or self.max_length
+        if self.chunk and size is not None and self.chunk_overlap >= size - 2:
+            raise ValueError(
+                f"`chunk_overlap` ({self.chunk_overlap}) must be smaller than the passage size less its two "
+                f"specials ({size - 2}), or passages would not advance"
             )
         _positive("batch_tokens", self.batch_tokens, allow_none=True)
         for name in ("batch_rows", "window_rows", "read_chunk_rows", "tokenizer_actors"):

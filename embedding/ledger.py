@@ -59,6 +59,9 @@ IDENTITY_FIELDS = (
     "id_type",
     "keep_columns",
 )
+# Recorded only when used (--chunk, --keep-text): absent means "not used", so outputs written
+# without them keep their digest, and a change in either direction is still a change.
+OPTIONAL_FIELDS = ("chunk_tokens", "chunk_overlap", "keep_text")
 
 
 class OutputMismatchError(ValueError):
@@ -70,7 +73,9 @@ class LockedError(RuntimeError):
 
 
 def settings_digest(identity: dict) -> str:
-    blob = json.dumps({k: identity.get(k) for k in IDENTITY_FIELDS}, sort_keys=True, default=str)
+    values = {k: identity.get(k) for k in IDENTITY_FIELDS}
+    values.update({k: identity[k] for k in OPTIONAL_FIELDS if identity.get(k) is not None})
+    blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -154,6 +159,12 @@ def check_job(output: str, identity: dict, recorded: dict | None, *, fields: tup
         for name in fields
         if name in recorded and name in identity and _norm(recorded[name]) != _norm(identity[name])
     ]
+    if fields is IDENTITY_FIELDS:
+        diffs += [
+            f"{name}: output has {recorded.get(name)!r}, this run {identity.get(name)!r}"
+            for name in OPTIONAL_FIELDS
+            if recorded.get(name) != identity.get(name)
+        ]
     if diffs:
         raise OutputMismatchError(
             f"output {output} was produced with other settings ({'; '.join(diffs)}); mixing vectors "

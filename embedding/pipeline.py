@@ -7,7 +7,8 @@
       ▼
     read_shards        CPU tasks      file -> Arrow chunks {id, text, row, ...}; bad rows flagged
       ▼
-    Tokenize           CPU actors     text -> token ids (sentencepiece + fairseq offset)
+    Tokenize           CPU actors     text -> token ids (sentencepiece + fairseq offset);
+                                      with --chunk, one row per passage
       ▼
     Encode             GPU actors     ids -> vectors (length-sorted, token-budget batches)
       │                (CPU actors with explicit threads where the cluster has no GPU)
@@ -82,6 +83,7 @@ class RunReport:
     rows_in: int = 0
     rows_embedded: int = 0
     rows_rejected: int = 0
+    passages_embedded: int = 0  # output rows; more than rows_embedded with --chunk
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     rows_truncated: int = 0  # texts cut at the model's token limit (embedded from their start)
     duplicate_ids: int = 0  # embedded rows whose id another row of this run has too
@@ -189,6 +191,13 @@ def identity_of(config: JobConfig, spec: ModelSpec, layout: InputLayout) -> dict
         "keep_columns": list(config.keep_columns),
         "dim": spec.dim,
         "job_version": JOB_VERSION,
+        # Recorded only where used, so outputs written before these settings existed keep their identity.
+        **(
+            {"chunk_tokens": config.chunk_tokens or spec.max_length, "chunk_overlap": config.chunk_overlap}
+            if config.chunk
+            else {}
+        ),
+        **({"keep_text": True} if config.keep_text else {}),
     }
 
 
@@ -297,7 +306,16 @@ def _embed(
     from ray.data import ActorPoolStrategy
 
     from embedding.encode import Encode
-    from embedding.tokenize import Tokenize
+    from embedding.tokenize import ChunkSpec, Tokenize
+
+    chunk = None
+    if config.chunk:
+        chunk = ChunkSpec(tokens=config.chunk_tokens or spec.max_length, overlap=config.chunk_overlap)
+        if chunk.tokens > spec.max_length:
+            raise ConfigError(
+                f"`chunk_tokens` {chunk.tokens} exceeds model {spec.source}'s limit of {spec.max_length} tokens"
+            )
+    chunk_metadata = {"chunk_tokens": chunk.tokens, "chunk_overlap": chunk.overlap} if chunk else {}
 
     _init_ray(config)
     gpus = ray.cluster_resources().get("GPU", 0) if config.device != "cpu" else 0
@@ -326,7 +344,10 @@ def _embed(
             max_length=spec.max_length,
             tokenizer=spec.tokenizer.kind,
             job_version=JOB_VERSION,
+            **chunk_metadata,
         ),
+        chunked=chunk is not None,
+        keep_text=config.keep_text,
     )
     staging = storage.join(config.output, STAGING, run_id)
     logger.info(
@@ -359,6 +380,7 @@ def _embed(
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_args=(spec.tokenizer,),
+        fn_constructor_kwargs={"chunk": chunk, "keep_text": config.keep_text},
         batch_size=config.window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
@@ -393,6 +415,9 @@ def _embed(
     by_key = {s.key: s for s in work.todo}
     commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3)
     staged: dict[str, int] = {}
+    # Output rows staged and expected per shard; they differ only while a chunked shard has
+    # documents whose later passages are not staged yet.
+    passages: dict[str, list[int]] = {}
     totals: dict[str, int] = {}
     pending: dict[str, ray.ObjectRef] = {}
     done: dict[str, tuple[CommitTask, CommitResult]] = {}
@@ -435,9 +460,18 @@ def _embed(
             tracker.observe(row)
             key = row["shard"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
+            counts = passages.setdefault(key, [0, 0])
+            counts[0] += row["passages"]
+            counts[1] += row["passages_expected"]
             if row["total"] >= 0:
                 totals[key] = row["total"]
-            if key in totals and key not in pending and key not in done and staged[key] >= totals[key]:
+            if (
+                key in totals
+                and key not in pending
+                and key not in done
+                and staged[key] >= totals[key]
+                and counts[0] >= counts[1]
+            ):
                 start_commit(key)
         collect(timeout=0)
         lease.renew()
@@ -495,6 +529,7 @@ def _account(report: RunReport, result: CommitResult, *, replaced: bool) -> None
     report.duplicate_examples = (report.duplicate_examples + list(result.duplicate_examples))[:10]
     report.shards_replaced += int(replaced)
     report.rows_embedded += result.rows
+    report.passages_embedded += result.passages
     report.rows_rejected += result.rejected
     for reason, n in result.reasons.items():
         report.rejected_by_reason[reason] = report.rejected_by_reason.get(reason, 0) + n

@@ -4,6 +4,12 @@ Output files hold ``id`` (the input id, its type fixed per run), ``embedding``
 (``fixed_size_list<float32|float16>[dim]``) and any ``keep_columns``. The schema metadata
 records what produced the vectors, under the keys in :data:`METADATA_KEYS`.
 
+Chunked runs (``--chunk``) write one row per passage: ``id`` stays the document id, and
+``passage`` (0-based index within the document), ``char_start`` and ``char_end`` (the
+passage's ``[start, end)`` in the document's original text, in characters) follow it; rows are
+ordered by input row, then passage. ``--keep-text`` adds ``text`` (the passage's span of the
+text, or the whole text without ``--chunk``).
+
 Between stages rows also carry internal ``__``-prefixed columns (shard, row number, reject
 reason); they never reach the committed output.
 """
@@ -17,6 +23,10 @@ import pyarrow as pa
 
 ID = "id"
 EMBEDDING = "embedding"
+PASSAGE = "passage"  # chunked runs: passage index within its document, from 0
+CHAR_START = "char_start"  # chunked runs: passage start in the original text, in characters
+CHAR_END = "char_end"  # chunked runs: passage end (exclusive)
+TEXT_OUT = "text"  # --keep-text: the row's text (the passage's span when chunked)
 
 # Internal columns of the stream between read and write.
 TEXT = "__text"
@@ -28,6 +38,7 @@ MARKER = "__marker"  # true for the one placeholder row an empty shard emits
 INPUT_IDS = "__input_ids"
 NUM_TOKENS = "__num_tokens"
 TRUNCATED = "__truncated"  # the text was cut at the model's token limit
+PASSAGES = "__passages"  # chunked runs: number of passages of the row's document
 
 REJECTED_TEXT_CAP = 4096  # characters of a rejected row's raw text kept for inspection
 
@@ -42,6 +53,9 @@ METADATA_KEYS = {
     "embedding.max_length": "token limit, specials included",
     "embedding.tokenizer": "tokenizer implementation used for the ids",
     "embedding.job_version": "version of this job",
+    # Only in chunked runs:
+    "embedding.chunk_tokens": "passage size limit in tokens, specials included",
+    "embedding.chunk_overlap": "tokens shared by consecutive passages of a document",
 }
 
 ID_TYPES = {"string": pa.string(), "int64": pa.int64()}
@@ -57,12 +71,20 @@ class OutputFormat:
     output_dtype: str  # "float32" | "float16"
     keep_types: tuple[tuple[str, str], ...]  # (name, arrow type string)
     metadata: tuple[tuple[str, str], ...]
+    chunked: bool = False  # one row per passage, with passage / char_start / char_end
+    keep_text: bool = False  # a `text` column
 
     def schema(self) -> pa.Schema:
-        fields = [
-            pa.field(ID, ID_TYPES[self.id_type], nullable=False),
-            pa.field(EMBEDDING, pa.list_(VALUE_TYPES[self.output_dtype], self.dim), nullable=False),
-        ]
+        fields = [pa.field(ID, ID_TYPES[self.id_type], nullable=False)]
+        if self.chunked:
+            fields += [
+                pa.field(PASSAGE, pa.int32(), nullable=False),
+                pa.field(CHAR_START, pa.int64(), nullable=False),
+                pa.field(CHAR_END, pa.int64(), nullable=False),
+            ]
+        fields.append(pa.field(EMBEDDING, pa.list_(VALUE_TYPES[self.output_dtype], self.dim), nullable=False))
+        if self.keep_text:
+            fields.append(pa.field(TEXT_OUT, pa.string()))
         fields += [pa.field(name, arrow_type(t)) for name, t in self.keep_types]
         return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in self.metadata})
 

@@ -16,6 +16,14 @@ the count is present exactly once as data or as a rejected row, and publishes
 ``<key>.parquet`` with one atomic write (local rename, or one completed S3 upload). Readers of
 the prefix skip ``_``/``.`` paths (the Hive/Spark and ``pyarrow.dataset`` convention), so they
 only ever see whole shard files, each row once.
+
+Passages (chunked runs). One input row becomes several output rows, keyed by (row, passage),
+and each carries its document's passage count (``__passages``). Parts are named by their
+(row, passage) keys; the commit drops (row, passage) pairs seen twice, checks the *set* of
+input rows exactly as above (each row present once, as passages or as a rejected row), and
+checks that each row's passages are exactly ``0 .. __passages - 1``. The write stage reports
+the documents it staged (their passage 0) and the passages staged and expected, so the driver
+only commits a shard once all of its passages are staged, not just a first passage per row.
 """
 
 from __future__ import annotations
@@ -68,16 +76,24 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _part_name(prefix: str, shard_key: str, rows: np.ndarray) -> str:
-    digest = hashlib.sha256(shard_key.encode() + np.sort(rows).astype("<i8").tobytes()).hexdigest()[:24]
+def _row_keys(rows: np.ndarray, passages: np.ndarray | None) -> np.ndarray:
+    """(row, passage) as one int64 per output row; just the row where there are no passages."""
+    rows = rows.astype(np.int64)
+    return rows if passages is None else (rows << 32) | passages.astype(np.int64)
+
+
+def _part_name(prefix: str, shard_key: str, keys: np.ndarray) -> str:
+    digest = hashlib.sha256(shard_key.encode() + np.sort(keys).astype("<i8").tobytes()).hexdigest()[:24]
     return f"{prefix}-{digest}.parquet"
 
 
 class WriteParts:
     """Stage: stage a batch's rows as parts; return one small metadata row per shard.
 
-    The returned rows (``shard``, ``rows``, ``rejected``, ``total``, ``tokens``) are all the
-    driver needs to decide when a shard can be committed.
+    The returned rows (``shard``, ``rows``, ``rejected``, ``total``, ``tokens``, ``passages``,
+    ``passages_expected``) are all the driver needs to decide when a shard can be committed.
+    ``rows`` counts input rows (documents) staged; ``passages`` counts output rows staged and
+    ``passages_expected`` the passages of the documents staged here (equal without chunking).
     """
 
     def __init__(self, staging: str, out_format: S.OutputFormat) -> None:
@@ -87,7 +103,15 @@ class WriteParts:
         self.keep = [name for name, _ in out_format.keep_types]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        meta: dict[str, list] = {"shard": [], "rows": [], "rejected": [], "total": [], "tokens": []}
+        meta: dict[str, list] = {
+            "shard": [],
+            "rows": [],
+            "rejected": [],
+            "total": [],
+            "tokens": [],
+            "passages": [],
+            "passages_expected": [],
+        }
         shards = batch[S.SHARD].to_numpy(zero_copy_only=False)
         for key in np.unique(shards):
             part = batch.filter(pa.array(shards == key))
@@ -95,10 +119,18 @@ class WriteParts:
             good = pc.and_(real, pc.is_null(part[S.REJECT]))
             bad = pc.and_(real, pc.is_valid(part[S.REJECT]))
             directory = shard_dir(self.staging, key)
-            n_good = self._stage_good(directory, key, part.filter(good))
+            good_rows = part.filter(good)
+            n_good = self._stage_good(directory, key, good_rows)
             n_bad = self._stage_rejected(directory, key, part.filter(bad))
             meta["shard"].append(key)
-            meta["rows"].append(n_good)
+            if self.format.chunked:
+                first = good_rows.filter(pc.equal(good_rows[S.PASSAGE], 0))
+                meta["rows"].append(first.num_rows)
+                meta["passages_expected"].append(int(pc.sum(first[S.PASSAGES]).as_py() or 0))
+            else:
+                meta["rows"].append(n_good)
+                meta["passages_expected"].append(n_good)
+            meta["passages"].append(n_good)
             meta["rejected"].append(n_bad)
             meta["total"].append(int(pc.max(part[S.TOTAL]).as_py()))
             meta["tokens"].append(
@@ -113,6 +145,8 @@ class WriteParts:
                     ("rejected", pa.int64()),
                     ("total", pa.int64()),
                     ("tokens", pa.int64()),
+                    ("passages", pa.int64()),
+                    ("passages_expected", pa.int64()),
                 ]
             ),
         )
@@ -121,10 +155,13 @@ class WriteParts:
         if rows.num_rows == 0:
             return 0
         columns = {S.ROW: rows[S.ROW], S.NUM_TOKENS: rows[S.NUM_TOKENS], S.TRUNCATED: rows[S.TRUNCATED]}
+        if self.format.chunked:
+            columns[S.PASSAGES] = rows[S.PASSAGES]
         for field in self.schema:
             columns[field.name] = rows[field.name].cast(field.type)
         table = pa.table(columns)
-        name = _part_name("part", key, rows[S.ROW].to_numpy())
+        passages = rows[S.PASSAGE].to_numpy() if self.format.chunked else None
+        name = _part_name("part", key, _row_keys(rows[S.ROW].to_numpy(), passages))
         storage.write_bytes_atomic(storage.join(directory, name), _table_bytes(table))
         return rows.num_rows
 
@@ -150,6 +187,23 @@ class WriteParts:
         return rows.num_rows
 
 
+def _check_passages(shard_key: str, rows: np.ndarray, passages: np.ndarray, counts: np.ndarray) -> None:
+    """After a (row, passage) dedupe: every staged row holds exactly its passages 0..n-1."""
+    if not len(rows):
+        return
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    stops = np.r_[starts[1:], len(rows)]
+    held = stops - starts
+    # Unique, sorted passages of a row are exactly 0..n-1 when there are n of them and the last is n-1.
+    bad = (held != counts[starts]) | (passages[stops - 1] != counts[starts] - 1)
+    if bad.any():
+        row = int(rows[starts[np.flatnonzero(bad)[0]]])
+        raise IncompleteShardError(
+            f"shard {shard_key}: row {row} has {int(held[bad][0])} of its {int(counts[starts][bad][0])} "
+            "passages staged; nothing was committed for it"
+        )
+
+
 @dataclass(frozen=True)
 class CommitTask:
     """One shard to publish; built by the driver, run as a small Ray task."""
@@ -168,7 +222,7 @@ class CommitTask:
 @dataclass(frozen=True)
 class CommitResult:
     shard: str
-    rows: int
+    rows: int  # input rows embedded (documents)
     rejected: int
     path: str
     reasons: dict[str, int]
@@ -177,6 +231,7 @@ class CommitResult:
     duplicate_ids: int = 0  # rows whose id another row of this shard has too
     duplicate_examples: tuple[str, ...] = ()
     id_hashes: object = None  # uint64 array of the ids, for the run-wide duplicate count
+    passages: int = 0  # output rows: one per passage with --chunk, else equal to rows
 
 
 def _read_parts(urls: list[str]) -> pa.Table | None:
@@ -186,8 +241,10 @@ def _read_parts(urls: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables)
 
 
-def _dedupe(table: pa.Table, row_column: str) -> pa.Table:
-    rows = table[row_column].to_numpy()
+def _dedupe(table: pa.Table, row_column: str, passage_column: str | None = None) -> pa.Table:
+    """One row per key, sorted by key: the row number, or (row, passage) with passages."""
+    passages = table[passage_column].to_numpy() if passage_column else None
+    rows = _row_keys(table[row_column].to_numpy(), passages)
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     first = np.ones(len(order), dtype=bool)
@@ -201,19 +258,27 @@ def commit_shard(task: CommitTask) -> CommitResult:
     key = task.shard.key
     directory = shard_dir(task.staging, key)
     schema = task.out_format.schema()
+    chunked = task.out_format.chunked
     good = _read_parts(storage.list_files(directory, "part-*.parquet"))
-    good = (
-        _dedupe(good, S.ROW)
-        if good is not None
-        else schema.empty_table()
-        .append_column(S.ROW, pa.array([], pa.int64()))
-        .append_column(S.NUM_TOKENS, pa.array([], pa.int32()))
-        .append_column(S.TRUNCATED, pa.array([], pa.bool_()))
-    )
+    if good is not None:
+        good = _dedupe(good, S.ROW, S.PASSAGE if chunked else None)
+    else:
+        good = (
+            schema.empty_table()
+            .append_column(S.ROW, pa.array([], pa.int64()))
+            .append_column(S.NUM_TOKENS, pa.array([], pa.int32()))
+            .append_column(S.TRUNCATED, pa.array([], pa.bool_()))
+        )
+        if chunked:
+            good = good.append_column(S.PASSAGES, pa.array([], pa.int32()))
     bad = _read_parts(storage.list_files(directory, "rejected-*.parquet"))
     bad = _dedupe(bad, "row") if bad is not None else S.rejected_schema().empty_table()
 
-    seen = np.concatenate([good[S.ROW].to_numpy(), bad["row"].to_numpy()])
+    good_rows = good[S.ROW].to_numpy()
+    if chunked:
+        _check_passages(key, good_rows, good[S.PASSAGE].to_numpy(), good[S.PASSAGES].to_numpy())
+        good_rows = np.unique(good_rows)  # sorted by (row, passage): one entry per document
+    seen = np.concatenate([good_rows, bad["row"].to_numpy()])
     if len(seen) != task.total or (task.total and not np.array_equal(np.sort(seen), np.arange(task.total))):
         missing = np.setdiff1d(np.arange(task.total), seen)
         raise IncompleteShardError(
@@ -222,8 +287,11 @@ def commit_shard(task: CommitTask) -> CommitResult:
         )
     tokens = int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0)
     truncated = int(pc.sum(good[S.TRUNCATED].cast(pa.int64())).as_py() or 0)
-    good = good.drop_columns([S.ROW, S.NUM_TOKENS, S.TRUNCATED]).cast(schema)
-    dup_count, dup_examples = _duplicates(good[S.ID])
+    # One id per input row: with passages, the first passage of each document stands for it.
+    doc_ids = good.filter(pc.equal(good[S.PASSAGE], 0))[S.ID] if chunked else good[S.ID]
+    dup_count, dup_examples = _duplicates(doc_ids)
+    internal = [S.ROW, S.NUM_TOKENS, S.TRUNCATED] + ([S.PASSAGES] if chunked else [])
+    good = good.drop_columns(internal).cast(schema)
     root = deferred_root(task.staging) if task.deferred else task.output
     path = storage.join(root, output_key(key))
     rejected_path = storage.join(root, REJECTED, output_key(key))
@@ -239,7 +307,7 @@ def commit_shard(task: CommitTask) -> CommitResult:
     )
     result = CommitResult(
         shard=key,
-        rows=good.num_rows,
+        rows=len(good_rows),
         rejected=bad.num_rows,
         path=path,
         reasons=reasons,
@@ -247,7 +315,8 @@ def commit_shard(task: CommitTask) -> CommitResult:
         truncated=truncated,
         duplicate_ids=dup_count,
         duplicate_examples=dup_examples,
-        id_hashes=id_hashes(good[S.ID]),
+        id_hashes=id_hashes(doc_ids),
+        passages=good.num_rows,
     )
     if not task.deferred:
         record_commit(task, result)

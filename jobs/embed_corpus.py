@@ -90,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-columns", type=_csv, metavar="A,B", help="input columns copied to the output beside id and embedding"
     )
     io.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="stored vector type [default: float32]")
+    io.add_argument(
+        "--keep-text",
+        action="store_true",
+        help="store each row's text in a `text` column (the passage's span of it with --chunk)",
+    )
+    c = p.add_argument_group("passages")
+    c.add_argument(
+        "--chunk",
+        action="store_true",
+        help="split long texts into overlapping passages, one output row each, with `passage`, "
+        "`char_start` and `char_end` (without it a text longer than the limit is truncated)",
+    )
+    c.add_argument(
+        "--chunk-tokens", type=int, help="passage size in tokens, specials included [default: --max-length, 512]"
+    )
+    c.add_argument("--chunk-overlap", type=int, help="tokens shared by consecutive passages [default: 64]")
     m = p.add_argument_group("model")
     m.add_argument(
         "--model",
@@ -195,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"run {report.run_id}: {report.shards_seen} shards seen, {report.shards_skipped} skipped, "
         f"{report.shards_embedded} embedded ({report.shards_replaced} replaced), {report.shards_pruned} pruned; "
-        f"{report.rows_embedded} rows embedded, {report.rows_rejected} rejected, "
+        f"{report.rows_embedded} rows embedded"
+        + (f" as {report.passages_embedded} passages" if config.chunk else "")
+        + f", {report.rows_rejected} rejected, "
         f"{report.tokens} tokens in {report.wall_seconds:.1f} s "
         f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s) "
         f"on {report.device}/{report.dtype}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
