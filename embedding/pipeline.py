@@ -85,6 +85,7 @@ class RunReport:
     rows_rejected: int = 0
     passages_embedded: int = 0  # output rows; more than rows_embedded with --chunk
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    storage_errors_retried: int = 0  # transient object-store errors (5xx, throttling, timeouts) retried
     rows_truncated: int = 0  # texts cut at the model's token limit (embedded from their start)
     duplicate_ids: int = 0  # embedded rows whose id another row of this run has too
     duplicate_examples: list[str] = field(default_factory=list)
@@ -146,9 +147,18 @@ def check_output_outside_inputs(config: JobConfig) -> None:
 
 
 def _read_stage(batch: pa.Table, layout: InputLayout) -> Iterator[pa.Table]:
-    """Ray task body: each row of ``batch`` names one shard; yield its chunks."""
+    """Ray task body: each row of ``batch`` names one shard; yield its chunks. The transient
+    storage errors retried while reading ride on the first row of the shard's last chunk."""
     for row in batch.to_pylist():
-        yield from read_shard(Shard(**row), layout)
+        before = storage.transient_errors()
+        previous = None
+        for table in read_shard(Shard(**row), layout):
+            if previous is not None:
+                yield previous
+            previous = table.append_column(S.STORAGE_ERRORS, pa.array([0] * table.num_rows, pa.int64()))
+        errors = [0] * previous.num_rows
+        errors[0] = storage.transient_errors() - before
+        yield previous.set_column(previous.num_columns - 1, S.STORAGE_ERRORS, pa.array(errors, pa.int64()))
 
 
 def _init_ray(config: JobConfig) -> None:
@@ -208,6 +218,7 @@ def run(config: JobConfig) -> RunReport:
     embedded and committed one by one; see :mod:`embedding.ledger` and :mod:`embedding.write`.
     """
     started = time.monotonic()
+    driver_errors = storage.transient_errors()
     check_output_outside_inputs(config)
     shards = list_inputs(config)
     spec = resolve_model(config.model, config.max_length)
@@ -271,6 +282,7 @@ def run(config: JobConfig) -> RunReport:
         report.status = "failed"
         raise
     finally:
+        report.storage_errors_retried += storage.transient_errors() - driver_errors
         report.rows_in = report.rows_embedded + report.rows_rejected
         report.wall_seconds = round(time.monotonic() - started, 3)
         if report.wall_seconds:
@@ -458,6 +470,7 @@ def _embed(
     for meta in tracker.track(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
         for row in meta.to_pylist():
             tracker.observe(row)
+            report.storage_errors_retried += row["storage_errors"]
             key = row["shard"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             counts = passages.setdefault(key, [0, 0])
@@ -523,6 +536,7 @@ def _count_duplicates(report: RunReport, hashes: list, hashed: int) -> None:
 
 def _account(report: RunReport, result: CommitResult, *, replaced: bool) -> None:
     report.shards_embedded += 1
+    report.storage_errors_retried += result.storage_errors
     report.tokens += result.tokens
     report.rows_truncated += result.truncated
     report.duplicate_ids += result.duplicate_ids

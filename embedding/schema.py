@@ -38,6 +38,7 @@ MARKER = "__marker"  # true for the one placeholder row an empty shard emits
 INPUT_IDS = "__input_ids"
 NUM_TOKENS = "__num_tokens"
 TRUNCATED = "__truncated"  # the text was cut at the model's token limit
+STORAGE_ERRORS = "__storage_errors"  # transient storage errors the reader retried (on one row)
 PASSAGES = "__passages"  # chunked runs: number of passages of the row's document
 
 REJECTED_TEXT_CAP = 4096  # characters of a rejected row's raw text kept for inspection

@@ -52,14 +52,52 @@ class Shard:
     fingerprint: str  # ETag or mtime: changes when the object is replaced
 
 
+# Transient object-store errors (HTTP 5xx, throttling, connection resets, timeouts) seen by
+# this process. Each is retried with exponential backoff by botocore ("standard" mode, at most
+# S3_MAX_ATTEMPTS attempts per request) and by s3fs; stages report the count to the run report.
+TRANSIENT_ERRORS = {"count": 0}
+S3_MAX_ATTEMPTS = 8
+_S3_SESSION = None
+
+
+def _count_transient(response=None, caught_exception=None, **_: object) -> None:
+    """botocore's ``needs-retry`` hook: one call per attempt, with its outcome."""
+    status = getattr(response[0], "status_code", 200) if response else 200
+    if caught_exception is not None or status in (429, 500, 502, 503, 504):
+        TRANSIENT_ERRORS["count"] += 1
+
+
+def _s3_session():
+    """One aiobotocore session per process, with the error counter on its events."""
+    global _S3_SESSION
+    if _S3_SESSION is None:
+        from aiobotocore.session import AioSession
+
+        _S3_SESSION = AioSession()
+        _S3_SESSION.register("needs-retry.s3", _count_transient)
+    return _S3_SESSION
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Filesystem and protocol-less path for ``url``.
 
     Object-store listings are never cached: a run decides what to skip from listings, and a
     long-lived driver must see what other processes wrote since."""
-    if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "abfs://", "az://")):
+    if url.startswith(("s3://", "s3a://")):
+        return url_to_fs(
+            url,
+            use_listings_cache=False,
+            session=_s3_session(),
+            config_kwargs={"retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}},
+        )
+    if url.startswith(("gs://", "gcs://", "abfs://", "az://")):
         return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
+
+
+def transient_errors() -> int:
+    """Transient object-store errors this process has seen (and retried) so far."""
+    return TRANSIENT_ERRORS["count"]
 
 
 def is_local(url: str) -> bool:
@@ -159,13 +197,14 @@ def list_shards(input_url: str, format_override: str = "auto") -> list[Shard]:
 def open_input(url: str) -> IO[bytes]:
     """Binary stream of ``url`` with .gz/.zst decompressed transparently."""
     _, compression = split_extension(url)
+    fs, path = filesystem(url)
     if compression == "zstd":
         # fsspec's zstd wrapper cannot iterate lines; zstandard's reader behind a buffer can.
         import zstandard
 
-        raw = fsspec.open(url, "rb").open()
+        raw = fs.open(path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
-    return fsspec.open(url, "rb", compression=compression).open()
+    return fsspec.core.OpenFile(fs, path, mode="rb", compression=compression).open()
 
 
 def read_bytes(url: str) -> bytes:

@@ -323,6 +323,13 @@ class Tokenize:
             if self.keep_text:
                 spans.extend(texts[i][s:e] for s, e in zip(p.char_start.tolist(), p.char_end.tolist(), strict=True))
         out = batch.take(pa.array(take, pa.int64()))
+        if S.STORAGE_ERRORS in out.column_names:  # a count, not a value: keep it on passage 0 only
+            first = pa.array(np.asarray(passage) == 0)
+            out = out.set_column(
+                out.column_names.index(S.STORAGE_ERRORS),
+                S.STORAGE_ERRORS,
+                pc.if_else(first, out[S.STORAGE_ERRORS], pa.scalar(0, pa.int64())),
+            )
         # Good rows' full text is not needed past here; repeating it per passage would cost memory.
         keep = pa.array(np.asarray(good)[take])
         out = out.set_column(

@@ -28,6 +28,7 @@ only commits a shard once all of its passages are staged, not just a first passa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -111,7 +112,9 @@ class WriteParts:
             "tokens": [],
             "passages": [],
             "passages_expected": [],
+            "storage_errors": [],
         }
+        errors_before = storage.transient_errors()
         shards = batch[S.SHARD].to_numpy(zero_copy_only=False)
         for key in np.unique(shards):
             part = batch.filter(pa.array(shards == key))
@@ -136,6 +139,10 @@ class WriteParts:
             meta["tokens"].append(
                 int(pc.sum(part[S.NUM_TOKENS]).as_py() or 0) if S.NUM_TOKENS in part.column_names else 0
             )
+            # Errors the reader of this shard retried ride on its rows; add this stage's own.
+            meta["storage_errors"].append(int(pc.sum(part[S.STORAGE_ERRORS]).as_py() or 0))
+        if meta["storage_errors"]:
+            meta["storage_errors"][-1] += storage.transient_errors() - errors_before
         return pa.table(
             meta,
             schema=pa.schema(
@@ -147,6 +154,7 @@ class WriteParts:
                     ("tokens", pa.int64()),
                     ("passages", pa.int64()),
                     ("passages_expected", pa.int64()),
+                    ("storage_errors", pa.int64()),
                 ]
             ),
         )
@@ -232,6 +240,7 @@ class CommitResult:
     duplicate_examples: tuple[str, ...] = ()
     id_hashes: object = None  # uint64 array of the ids, for the run-wide duplicate count
     passages: int = 0  # output rows: one per passage with --chunk, else equal to rows
+    storage_errors: int = 0  # transient object-store errors retried while committing
 
 
 def _read_parts(urls: list[str]) -> pa.Table | None:
@@ -255,6 +264,7 @@ def _dedupe(table: pa.Table, row_column: str, passage_column: str | None = None)
 def commit_shard(task: CommitTask) -> CommitResult:
     """Publish one shard: merge its parts, verify every row is there once, write atomically,
     then record the shard's marker and drop the markers of its older versions."""
+    errors_before = storage.transient_errors()
     key = task.shard.key
     directory = shard_dir(task.staging, key)
     schema = task.out_format.schema()
@@ -321,7 +331,7 @@ def commit_shard(task: CommitTask) -> CommitResult:
     if not task.deferred:
         record_commit(task, result)
     storage.remove_tree(directory)
-    return result
+    return dataclasses.replace(result, storage_errors=storage.transient_errors() - errors_before)
 
 
 def _duplicates(ids: pa.ChunkedArray) -> tuple[int, tuple[str, ...]]:
