@@ -111,6 +111,6 @@ def configure_logging(level: str = "INFO", stream=None) -> logging.Handler:
     handler._embedding_job = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "filelock", "httpx", "huggingface_hub"):
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     return handler

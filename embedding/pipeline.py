@@ -122,7 +122,8 @@ def list_inputs(config: JobConfig) -> list[Shard]:
     """All shards of all inputs, with keys unique across inputs."""
     shards: list[Shard] = []
     for uri in config.inputs:
-        shards.extend(storage.list_shards(uri, config.format))
+        with storage.access(uri):
+            shards.extend(storage.list_shards(uri, config.format))
     seen: dict[str, str] = {}
     for shard in shards:
         key = output_key(shard.key)
@@ -221,20 +222,23 @@ def run(config: JobConfig) -> RunReport:
     driver_errors = storage.transient_errors()
     check_output_outside_inputs(config)
     shards = list_inputs(config)
-    spec = resolve_model(config.model, config.max_length)
-    layout = probe_layout(
-        shards[0],
-        text_column=config.text_column,
-        id_column=config.id_column,
-        id_type=config.id_type,
-        keep_columns=config.keep_columns,
-        format_override=config.format,
-        chunk_rows=config.read_chunk_rows,
-    )
+    with storage.access(config.model):
+        spec = resolve_model(config.model, config.max_length)
+    with storage.access(shards[0].url):
+        layout = probe_layout(
+            shards[0],
+            text_column=config.text_column,
+            id_column=config.id_column,
+            id_type=config.id_type,
+            keep_columns=config.keep_columns,
+            format_override=config.format,
+            chunk_rows=config.read_chunk_rows,
+        )
     identity = identity_of(config, spec, layout)
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     lease = ledger.Lease(config.output, run_id)
-    lease.acquire()
+    with storage.access(config.output):
+        lease.acquire()
     lease.keep_alive()
     report = RunReport(
         run_id=run_id,

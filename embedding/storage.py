@@ -95,6 +95,38 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+class StorageAccessError(PermissionError):
+    """No credentials, or access denied, for a bucket; the message names it, never a secret."""
+
+
+def bucket_of(url: str) -> str:
+    if is_local(url):
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+@contextlib.contextmanager
+def access(url: str) -> Iterator[None]:
+    """Turn credential and permission errors on ``url`` into one clear StorageAccessError."""
+    try:
+        yield
+    except StorageAccessError:
+        raise
+    except PermissionError as e:
+        raise StorageAccessError(
+            f"access denied to {bucket_of(url)} (while reading or writing {url}); check the IAM policy or "
+            f"bucket policy of the credentials in use ({type(e).__name__})"
+        ) from None
+    except Exception as e:
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            raise StorageAccessError(
+                f"no credentials to access {bucket_of(url)}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or run with an instance role"
+            ) from None
+        raise
+
+
 def transient_errors() -> int:
     """Transient object-store errors this process has seen (and retried) so far."""
     return TRANSIENT_ERRORS["count"]

@@ -191,23 +191,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = pipeline.run(config)
-    except (
-        pipeline.ConfigError,
-        InputError,
-        ModelNotFoundError,
-        LockedError,
-        FileNotFoundError,
-        PermissionError,
-        ValueError,
-    ) as e:
-        return _stop(Exit.REFUSED, str(e))
-    except pipeline.TooManyRejectedError as e:
-        return _stop(Exit.REJECTED_ABOVE_LIMIT, str(e))
     except KeyboardInterrupt:
         return _stop(Exit.INTERRUPTED, "stopped by SIGINT; rerun to complete")
     except Exception as e:  # one line for schedulers; the traceback goes to the debug log
         logging.getLogger(__name__).debug("run failed", exc_info=True)
-        return _stop(Exit.FAILED, f"{type(e).__name__}: {e}")
+        if isinstance(e, pipeline.TooManyRejectedError):
+            return _stop(Exit.REJECTED_ABOVE_LIMIT, str(e))
+        refusals = (
+            pipeline.ConfigError,
+            InputError,
+            ModelNotFoundError,
+            LockedError,
+            FileNotFoundError,
+            PermissionError,
+            ValueError,
+        )
+        if isinstance(e, refusals) and not _is_ray_error(e):  # known before any work started
+            return _stop(Exit.REFUSED, str(e))
+        cause = _root_cause(e)
+        lines = str(cause).strip().splitlines() or [""]
+        message = lines[-1] if _is_ray_error(cause) else lines[0]
+        return _stop(Exit.FAILED, f"{type(cause).__name__}: {message}. The committed output is intact; rerun to resume")
+    hardware = f" on {report.device}/{report.dtype}" if report.device else ""
     print(
         f"run {report.run_id}: {report.shards_seen} shards seen, {report.shards_skipped} skipped, "
         f"{report.shards_embedded} embedded ({report.shards_replaced} replaced), {report.shards_pruned} pruned; "
@@ -216,9 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         + f", {report.rows_rejected} rejected, "
         f"{report.tokens} tokens in {report.wall_seconds:.1f} s "
         f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s) "
-        f"on {report.device}/{report.dtype}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
+        f"{hardware}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
     )
     return Exit.OK
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    """Raised by Ray on behalf of a task (RayTaskError subclasses the task's own error type)."""
+    return any(
+        t.__module__.startswith("ray.") for t in type(e).__mro__ if t is not object and t.__name__ != "Exception"
+    )
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (RayTaskError keeps it as ``cause``)."""
+    while _is_ray_error(e) and getattr(e, "cause", None) is not None and e.cause is not e:
+        e = e.cause
+    return e
 
 
 def _cost(report) -> str:
