@@ -140,7 +140,8 @@ class WriteParts:
                 int(pc.sum(part[S.NUM_TOKENS]).as_py() or 0) if S.NUM_TOKENS in part.column_names else 0
             )
             # Errors the reader of this shard retried ride on its rows; add this stage's own.
-            meta["storage_errors"].append(int(pc.sum(part[S.STORAGE_ERRORS]).as_py() or 0))
+            errors = part[S.STORAGE_ERRORS] if S.STORAGE_ERRORS in part.column_names else pa.array([0])
+            meta["storage_errors"].append(int(pc.sum(errors).as_py() or 0))
         if meta["storage_errors"]:
             meta["storage_errors"][-1] += storage.transient_errors() - errors_before
         return pa.table(
