@@ -19,6 +19,7 @@ import torch
 from embedding import pooling
 from embedding import schema as S
 from embedding.batching import token_budget_batches
+from embedding.luke import load_word_encoder
 from embedding.model import ModelSpec, materialize
 
 logger = logging.getLogger(__name__)
@@ -58,19 +59,27 @@ def probe_hardware(device: str, dtype: str) -> dict[str, str]:
 class EncoderModel:
     """A sentence encoder: transformer + pooling (+ Normalize), on one device."""
 
-    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+    def __init__(self, spec: ModelSpec, device: str, dtype: str, *, remap_luke: bool = True) -> None:
         from transformers import AutoConfig, AutoModel
 
         path = materialize(spec)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(
-            path,
-            config=config,
-            dtype=TORCH_DTYPES[dtype],
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
+        self.model = None
+        if remap_luke and spec.model_type == "luke":
+            # Same computation as LukeModel on word inputs, with SDPA attention (embedding/luke.py).
+            self.model, why_not = load_word_encoder(path, TORCH_DTYPES[dtype])
+            if self.model is None:
+                logger.warning("running LukeModel with eager attention: %s", why_not)
+        if self.model is None:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(
+                path,
+                config=config,
+                dtype=TORCH_DTYPES[dtype],
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
         self.model.eval().to(device)
+        self.architecture = type(self.model).__name__
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
