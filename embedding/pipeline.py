@@ -115,7 +115,9 @@ def _init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    # A Ray started here serves this one run: its dashboard would only take CPU from the job.
+    local = {} if address else {"include_dashboard": False}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
 def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
@@ -124,6 +126,9 @@ def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
 
     from embedding.encode import probe_hardware
 
+    if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Ray runs on this machine: ask here rather than pay a worker start-up for the answer.
+        return probe_hardware(config.device, config.dtype)
     resources = {"num_gpus": config.num_gpus} if use_gpu else {"num_cpus": 0}
     task = ray.remote(probe_hardware).options(**resources)
     return ray.get(task.remote("cuda" if use_gpu else config.device, config.dtype))
@@ -202,9 +207,14 @@ def run(config: JobConfig) -> RunReport:
         threads = config.threads_per_actor
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
-        max_actors = config.max_actors or max(1, int(cpus // max(config.cpus_per_actor, 1)))
+        # Logical CPUs the other stages hold (tokenizers, a read task, the writers): encoders
+        # that assumed them free could never all start.
+        others = config.tokenizer_actors * config.tokenizer_cpus + 0.25 + 2 * 0.25
+        max_actors = config.max_actors or max(1, int((cpus - others) // config.cpus_per_actor))
         encoder_resources = {"num_cpus": config.cpus_per_actor}
-        threads = config.threads_per_actor or max(1, round(config.cpus_per_actor))
+        # ...but they use little of them, so torch's threads are sized to the cores: on 2 cores
+        # one encoder with 2 threads, not 1 thread and an idle core.
+        threads = config.threads_per_actor or max(1, int(cpus // max_actors))
     min_actors = min(config.min_actors, max_actors)
 
     items = [asdict(s) for s in shards]

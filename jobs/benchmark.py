@@ -131,6 +131,7 @@ def _tree_pss_bytes(root_pid: int) -> int:
 @dataclass
 class Timed:
     wall_s: float
+    cpu_s: float
     peak_bytes: int
     rc: int
     tail: str
@@ -151,12 +152,15 @@ def run_measured(cmd: list[str], log_path: Path, interval: float = 0.5) -> Timed
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        rc = proc.wait()
+        # wait4's usage covers the process and every descendant it (transitively) reaped: Ray's
+        # raylet and workers included. CPU seconds tell work from waiting on a shared machine.
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - start
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
         done.set()
         sampler.join()
     tail = log_path.read_text(errors="replace")[-2000:]
-    return Timed(wall, peak, rc, tail)
+    return Timed(wall, usage.ru_utime + usage.ru_stime, peak, rc, tail)
 
 
 def matmul_rate(device: str, seconds: float = 2.0) -> float:
@@ -222,6 +226,7 @@ def run_peer(model: str, corpus: Path, dtype: str, batch_size: int, device: str,
 class RunnerResult:
     name: str
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
 
     @property
@@ -352,7 +357,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"{name} failed with exit status {t.rc}:\n{t.tail}")
             results[name].walls.append(t.wall_s)
             results[name].peaks.append(t.peak_bytes)
-            logger.info("  %s: %.1f s, peak %.0f MiB", name, t.wall_s, t.peak_bytes / 2**20)
+            results[name].cpus.append(t.cpu_s)
+            logger.info("  %s: %.1f s (%.1f CPU s), peak %.0f MiB", name, t.wall_s, t.cpu_s, t.peak_bytes / 2**20)
 
     fidelity = None
     compute_dtype = None
@@ -370,6 +376,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "runner": name,
             "wall_s": round(r.wall, 2),
             "walls_s": [round(w, 2) for w in r.walls],
+            "cpu_s": round(statistics.median(r.cpus), 2),
+            "tokens_per_cpu_s": round(float(lengths.sum()) / statistics.median(r.cpus), 1),
             "texts_per_s": round(len(texts) / r.wall, 1),
             "tokens_per_s": round(float(lengths.sum()) / r.wall, 1),
             "peak_memory_mib": round(max(r.peaks) / 2**20, 1),
@@ -423,15 +431,18 @@ def _machine(device: str) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = "| runner | wall s | texts/s | tokens/s | × st-fp32 | × st-bf16 | padding eff. | peak MiB | % bf16 matmul |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| runner | wall s | texts/s | tokens/s | × st-fp32 | × st-bf16 | padding eff. | peak MiB | % bf16 matmul "
+        "| CPU s | tokens/CPU s |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for r in result["rows"]:
         lines.append(
             f"| {r['runner']} | {r['wall_s']:.1f} | {r['texts_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
             f"{r.get('x_st-fp32', 1.0 if r['runner'] == 'st-fp32' else float('nan')):.2f} | "
             f"{r.get('x_st-bf16', 1.0 if r['runner'] == 'st-bf16' else float('nan')):.2f} | "
             f"{r.get('padding_efficiency', float('nan')):.3f} | {r['peak_memory_mib']:,.0f} | "
-            f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% |"
+            f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% | {r['cpu_s']:.0f} | {r['tokens_per_cpu_s']:,.0f} |"
         )
     c, m = result["corpus"], result["model"]
     lines.append("")
