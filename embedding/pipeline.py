@@ -139,7 +139,7 @@ def run(config: JobConfig) -> RunReport:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from embedding.encode import Encode
+    from embedding.encode import DEFAULT_WINDOW_ROWS, Encode
     from embedding.tokenize import Tokenize
 
     started = time.monotonic()
@@ -217,13 +217,14 @@ def run(config: JobConfig) -> RunReport:
         threads = config.threads_per_actor or max(1, int(cpus // max_actors))
     min_actors = min(config.min_actors, max_actors)
 
+    window_rows = config.window_rows or DEFAULT_WINDOW_ROWS["cuda" if use_gpu else "cpu"]
     items = [asdict(s) for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_stage, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_args=(spec.tokenizer,),
-        batch_size=config.window_rows,
+        batch_size=window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
         num_cpus=config.tokenizer_cpus,
@@ -239,7 +240,7 @@ def run(config: JobConfig) -> RunReport:
             "batch_rows": config.batch_rows,
             "output_dtype": config.output_dtype,
         },
-        batch_size=config.window_rows,
+        batch_size=window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         **encoder_resources,

@@ -299,8 +299,8 @@ def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int) -> dict:
 def run_benchmark(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from embedding.batching import padding_efficiency, token_budget_batches
-    from embedding.encode import DEFAULT_BATCH_TOKENS
+    from embedding.batching import padding_efficiency, windowed_batches
+    from embedding.encode import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW_ROWS
     from embedding.model import resolve_model
     from embedding.tokenize import load_tokenizer
     from jobs.make_tiny_model import build_tiny_model
@@ -326,11 +326,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     spec = resolve_model(str(model))
     lengths = np.array([len(ids) for ids in load_tokenizer(spec.tokenizer, threads=os.cpu_count() or 1).encode(texts)])
     device = "cuda" if args.device == "cuda" else "cpu"
-    budget = DEFAULT_BATCH_TOKENS[device]
-    window = 2048  # the job's default window_rows
-    batches = []
-    for s in range(0, len(lengths), window):
-        batches.extend(b + s for b in token_budget_batches(lengths[s : s + window], budget, 256))
+    batches = windowed_batches(
+        lengths, DEFAULT_WINDOW_ROWS[device], DEFAULT_BATCH_TOKENS[device], DEFAULT_BATCH_ROWS[device]
+    )
     pad_eff = padding_efficiency(lengths, batches)
     flops = model_flops(lengths, hidden, layers, intermediate)
     logger.info("measuring the bf16 matrix-multiply rate on %s", device)
