@@ -135,11 +135,38 @@ class Timed:
     peak_bytes: int
     rc: int
     tail: str
+    gpu_busy: float | None = None
 
 
-def run_measured(cmd: list[str], log_path: Path, interval: float = 0.5) -> Timed:
-    """Run ``cmd`` to completion, sampling the process tree's memory; stdout+stderr to a file."""
+def _gpu_utilization() -> float | None:
+    """NVML's utilisation of GPU 0 over its last sample period (percent of time a kernel ran)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return float(out.strip().splitlines()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def busy_fraction(samples: list[float]) -> float | None:
+    """Mean utilisation between the first and the last sample where the GPU did anything: the
+    encoders' busy share once they have work (start-up and shutdown excluded)."""
+    active = [i for i, u in enumerate(samples) if u > 0]
+    if not active:
+        return None
+    window = samples[active[0] : active[-1] + 1]
+    return sum(window) / (100.0 * len(window))
+
+
+def run_measured(cmd: list[str], log_path: Path, interval: float = 0.5, gpu: bool = False) -> Timed:
+    """Run ``cmd`` to completion, sampling the process tree's memory (and, with ``gpu``, the GPU's
+    utilisation); stdout+stderr to a file."""
     peak = 0
+    utilisation: list[float] = []
     with open(log_path, "w") as log:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -149,6 +176,8 @@ def run_measured(cmd: list[str], log_path: Path, interval: float = 0.5) -> Timed
             nonlocal peak
             while not done.wait(interval):
                 peak = max(peak, _tree_pss_bytes(proc.pid))
+                if gpu and (u := _gpu_utilization()) is not None:
+                    utilisation.append(u)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -160,7 +189,7 @@ def run_measured(cmd: list[str], log_path: Path, interval: float = 0.5) -> Timed
         done.set()
         sampler.join()
     tail = log_path.read_text(errors="replace")[-2000:]
-    return Timed(wall, usage.ru_utime + usage.ru_stime, peak, rc, tail)
+    return Timed(wall, usage.ru_utime + usage.ru_stime, peak, rc, tail, busy_fraction(utilisation) if gpu else None)
 
 
 def matmul_rate(device: str, seconds: float = 2.0) -> float:
@@ -227,6 +256,7 @@ class RunnerResult:
     name: str
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
+    gpu_busy: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
 
     @property
@@ -272,7 +302,7 @@ def _job_vectors(out: Path):
     return ids[order], vecs[order], table.schema.metadata or {}
 
 
-def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int) -> dict:
+def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int, device: str) -> dict:
     """Cosine of the job's vectors against float32 vectors from the job's own fp32 path."""
     import numpy as np
 
@@ -284,7 +314,7 @@ def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int) -> dict:
     pick = np.sort(rng.choice(len(ids), size=min(sample, len(ids)), replace=False))
     spec = resolve_model(str(model))
     tok = load_tokenizer(spec.tokenizer)
-    enc = EncoderModel(spec, "cpu", "float32")
+    enc = EncoderModel(spec, device, "float32")
     ref = enc.embed(tok.encode([texts[int(ids[i])] for i in pick]), 4096, 64)
     got = vecs[pick]
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
@@ -350,12 +380,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             else:
                 cmd = _peer_cmd(args, model, corpus, "bfloat16" if name == "st-bf16" else "float32")
             logger.info("repeat %d: %s", rep + 1, name)
-            t = run_measured(cmd, work / f"{name}-{rep}.log")
+            t = run_measured(cmd, work / f"{name}-{rep}.log", gpu=device == "cuda")
             if t.rc != 0:
                 raise RuntimeError(f"{name} failed with exit status {t.rc}:\n{t.tail}")
             results[name].walls.append(t.wall_s)
             results[name].peaks.append(t.peak_bytes)
             results[name].cpus.append(t.cpu_s)
+            if t.gpu_busy is not None:
+                results[name].gpu_busy.append(t.gpu_busy)
             logger.info("  %s: %.1f s (%.1f CPU s), peak %.0f MiB", name, t.wall_s, t.cpu_s, t.peak_bytes / 2**20)
 
     fidelity = None
@@ -365,7 +397,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if len(ids) != len(texts):
             raise RuntimeError(f"the job wrote {len(ids)} vectors for {len(texts)} texts")
         compute_dtype = meta.get(b"embedding.compute_dtype", b"?").decode()
-        fidelity = _fidelity(model, texts, ids, vecs, args.fidelity_sample)
+        fidelity = _fidelity(model, texts, ids, vecs, args.fidelity_sample, device)
         fidelity["compute_dtype"] = compute_dtype
 
     rows = []
@@ -382,6 +414,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "model_flops_per_s": flops / r.wall,
             "fraction_of_bf16_matmul_rate": round(flops / r.wall / ceiling, 4),
         }
+        if r.gpu_busy:
+            row["gpu_busy_fraction"] = round(statistics.median(r.gpu_busy), 3)
+            row["encoder_idle_fraction"] = round(1 - statistics.median(r.gpu_busy), 3)
         for peer in ("st-fp32", "st-bf16"):
             if peer in results and peer != name:
                 row[f"x_{peer}"] = round(results[peer].wall / r.wall, 3)
@@ -441,6 +476,7 @@ def format_table(result: dict) -> str:
             f"{r.get('x_st-bf16', 1.0 if r['runner'] == 'st-bf16' else float('nan')):.2f} | "
             f"{r.get('padding_efficiency', float('nan')):.3f} | {r['peak_memory_mib']:,.0f} | "
             f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% | {r['cpu_s']:.0f} | {r['tokens_per_cpu_s']:,.0f} |"
+            + (f" GPU idle {100 * r['encoder_idle_fraction']:.0f}% |" if "encoder_idle_fraction" in r else "")
         )
     c, m = result["corpus"], result["model"]
     lines.append("")
