@@ -93,31 +93,33 @@ class EncoderModel:
 
     @torch.inference_mode()
     def embed_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens) ids and mask -> (batch, dim) float32 vectors on the CPU."""
-        out = self.model(
-            input_ids=input_ids.to(self.device, non_blocking=True),
-            attention_mask=mask.to(self.device, non_blocking=True),
-        )
-        hidden = out.last_hidden_state
-        mask_d = mask.to(self.device)
-        vectors = pooling.pool(self.spec.pooling, hidden, mask_d)
+        """(batch, tokens) ids and mask -> (batch, dim) float32 vectors, on the model's device.
+
+        Nothing here waits for the device, so the host pads the next batch while it computes.
+        """
+        mask_d = mask.to(self.device, non_blocking=True)
+        out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=mask_d)
+        vectors = pooling.pool(self.spec.pooling, out.last_hidden_state, mask_d)
         if self.spec.normalize:
             vectors = pooling.normalize(vectors)
-        return vectors.float().cpu()
+        return vectors.float()
 
     def embed(self, ids: list[np.ndarray], max_tokens: int, max_rows: int) -> np.ndarray:
         """Ragged ids -> (len(ids), dim) float32, in the order given."""
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         out = np.empty((len(ids), self.spec.dim), dtype=np.float32)
-        for group in token_budget_batches(lengths, max_tokens, max_rows):
+        groups, pending = token_budget_batches(lengths, max_tokens, max_rows), []
+        for group in groups:
             width = int(lengths[group].max())
             padded = np.full((len(group), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(group), width), dtype=np.int64)
             for j, i in enumerate(group):
                 padded[j, : lengths[i]] = ids[i]
                 mask[j, : lengths[i]] = 1
-            vectors = self.embed_padded(torch.from_numpy(padded), torch.from_numpy(mask))
-            out[group] = vectors.numpy()
+            pending.append(self.embed_padded(torch.from_numpy(padded), torch.from_numpy(mask)))
+        if pending:
+            # One copy back per window: the only point where the host waits for the device.
+            out[np.concatenate(groups)] = torch.cat(pending).cpu().numpy()
         return out
 
 
