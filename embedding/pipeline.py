@@ -115,9 +115,11 @@ def _init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    # A Ray started here serves this one run: its dashboard would only take CPU from the job.
+    # Without an address, start a Ray for this run ("local"): a bare ray.init() would join
+    # whatever cluster `ray start` last left in /tmp/ray, even a dead one. Its dashboard would
+    # only take CPU from the job.
     local = {} if address else {"include_dashboard": False}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
 def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
