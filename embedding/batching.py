@@ -37,3 +37,17 @@ def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     real = int(lengths.sum())
     padded = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
     return real / padded if padded else 1.0
+
+
+def windowed_batches(lengths: np.ndarray, window_rows: int, max_tokens: int, max_rows: int) -> list[np.ndarray]:
+    """What the encoder does to a stream: sort within each ``window_rows`` rows, then batch.
+
+    Indices are into ``lengths``. A bounded window keeps memory flat on any corpus size; its
+    size sets the padding (a global sort is the limit as the window grows).
+    """
+    if window_rows < 1:
+        raise ValueError(f"window_rows must be ≥ 1; got {window_rows}")
+    out: list[np.ndarray] = []
+    for start in range(0, len(lengths), window_rows):
+        out.extend(b + start for b in token_budget_batches(lengths[start : start + window_rows], max_tokens, max_rows))
+    return out

@@ -61,10 +61,10 @@ class JobConfig:
     # Encoder batching: a forward pass holds at most `batch_tokens` tokens, padding included,
     # and at most `batch_rows` texts. None picks a default for the device (see encode.py).
     batch_tokens: int | None = None
-    batch_rows: int = 256
+    batch_rows: int | None = None
     # Rows handed to one encoder call; the encoder sorts within it by length, so larger
-    # windows waste less on padding.
-    window_rows: int = 2048
+    # windows waste less on padding. None picks a default for the device (see encode.py).
+    window_rows: int | None = None
     read_chunk_rows: int = 8192
     device: str = "auto"
     num_gpus: float = 1.0
@@ -150,6 +150,8 @@ class JobConfig:
         _positive("batch_tokens", self.batch_tokens, allow_none=True)
         for name in ("batch_rows", "window_rows", "read_chunk_rows", "tokenizer_actors"):
             value = getattr(self, name)
+            if value is None and name in ("batch_rows", "window_rows"):
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a whole number ≥ 1; got {value!r}")
         if not 0 < self.num_gpus <= 8:

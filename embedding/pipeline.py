@@ -167,11 +167,12 @@ def _init_ray(config: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`); else
-    # start a private local Ray, never silently joining another one running on this machine.
-    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    local = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
+    # Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`). Without
+    # one, start a Ray for this run ("local"): a bare ray.init() would join whatever cluster
+    # `ray start` last left in /tmp/ray, even a dead one. Its dashboard would only take CPU.
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    local = {} if address else {"include_dashboard": False}
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
 def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
@@ -180,6 +181,9 @@ def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
 
     from embedding.encode import probe_hardware
 
+    if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Ray runs on this machine: ask here rather than pay a worker start-up for the answer.
+        return probe_hardware(config.device, config.dtype)
     resources = {"num_gpus": config.num_gpus} if use_gpu else {"num_cpus": 0}
     task = ray.remote(probe_hardware).options(**resources)
     return ray.get(task.remote("cuda" if use_gpu else config.device, config.dtype))
@@ -321,7 +325,7 @@ def _embed(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from embedding.encode import Encode
+    from embedding.encode import DEFAULT_WINDOW_ROWS, Encode
     from embedding.tokenize import ChunkSpec, Tokenize
 
     chunk = None
@@ -381,11 +385,17 @@ def _embed(
         threads = config.threads_per_actor
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
-        max_actors = config.max_actors or max(1, int(cpus // max(config.cpus_per_actor, 1)))
+        # Logical CPUs the other stages hold (tokenizers, a read task, the writers): encoders
+        # that assumed them free could never all start.
+        others = config.tokenizer_actors * config.tokenizer_cpus + 0.25 + 2 * 0.25
+        max_actors = config.max_actors or max(1, int((cpus - others) // config.cpus_per_actor))
         encoder_resources = {"num_cpus": config.cpus_per_actor}
-        threads = config.threads_per_actor or max(1, round(config.cpus_per_actor))
+        # ...but they use little of them, so torch's threads are sized to the cores: on 2 cores
+        # one encoder with 2 threads, not 1 thread and an idle core.
+        threads = config.threads_per_actor or max(1, int(cpus // max_actors))
     min_actors = min(config.min_actors, max_actors)
 
+    window_rows = config.window_rows or DEFAULT_WINDOW_ROWS["cuda" if use_gpu else "cpu"]
     # Before the Dataset exists: it copies Ray Data's context (progress bars on or off).
     tracker = progress.for_run(config, work.todo, report)
     items = [asdict(s) for s in work.todo]
@@ -397,7 +407,7 @@ def _embed(
         Tokenize,
         fn_constructor_args=(spec.tokenizer,),
         fn_constructor_kwargs={"chunk": chunk, "keep_text": config.keep_text},
-        batch_size=config.window_rows,
+        batch_size=window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
         num_cpus=config.tokenizer_cpus,
@@ -414,7 +424,7 @@ def _embed(
             "output_dtype": config.output_dtype,
             "fault_injection": config.fault_injection,
         },
-        batch_size=config.window_rows,
+        batch_size=window_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         **encoder_resources,

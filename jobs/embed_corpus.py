@@ -137,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens per forward pass, padding included [default: 4096 on CPU, 65536 on GPU]",
     )
-    r.add_argument("--batch-rows", type=int, help="texts per forward pass at most [default: 256]")
-    r.add_argument("--window-rows", type=int, help="rows per encoder call, sorted by length within [default: 2048]")
+    r.add_argument("--batch-rows", type=int, help="texts per forward pass at most [default: 256 on CPU, 1024 on GPU]")
+    r.add_argument(
+        "--window-rows",
+        type=int,
+        help="rows per encoder call, sorted by length within [default: 4096 on CPU, 32768 on GPU]",
+    )
     r.add_argument("--read-chunk-rows", type=int, help="rows per block read from a shard [default: 8192]")
     o = p.add_argument_group("run")
     o.add_argument(

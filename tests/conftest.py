@@ -78,6 +78,7 @@ def ray_local(s3_endpoint: str):
     the read tasks. Started after the S3 endpoint is in the environment, which workers inherit."""
     import ray
 
+    # "local": a bare ray.init() would join whatever cluster `ray start` last recorded in /tmp/ray.
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedding.batching import padding_efficiency, token_budget_batches
+from embedding.batching import padding_efficiency, token_budget_batches, windowed_batches
 from embedding.pooling import cls_pool, max_pool, mean_pool, normalize, pool
 
 
@@ -69,3 +69,46 @@ def test_oversized_text_gets_its_own_batch() -> None:
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="max_tokens"):
         token_budget_batches(np.array([1]), 0, 1)
+
+
+def _corpus_like_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """Token lengths shaped like the benchmark corpus: most 10 to 150, a tail up to 512."""
+    rng = np.random.default_rng(seed)
+    body = np.clip(rng.lognormal(np.log(55), 0.7, size=n), 3, 512)
+    tail = rng.random(n) < 0.03
+    return np.where(tail, rng.integers(150, 513, size=n), body).astype(np.int64)
+
+
+def test_windowed_batches_cover_every_row_once_and_stay_in_their_window() -> None:
+    lengths = _corpus_like_lengths(5000)
+    batches = windowed_batches(lengths, window_rows=1024, max_tokens=4096, max_rows=256)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(5000))
+    for b in batches:
+        assert len(set((b // 1024).tolist())) == 1, "a batch mixes rows of two windows"
+        assert len(b) <= 256 and (len(b) * lengths[b].max() <= 4096 or len(b) == 1)
+
+
+def test_default_window_and_budget_reach_095_padding_efficiency() -> None:
+    from embedding.encode import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW_ROWS
+
+    lengths = _corpus_like_lengths(100_000)
+    for device in ("cpu", "cuda"):
+        batches = windowed_batches(
+            lengths, DEFAULT_WINDOW_ROWS[device], DEFAULT_BATCH_TOKENS[device], DEFAULT_BATCH_ROWS[device]
+        )
+        assert padding_efficiency(lengths, batches) >= 0.95, device
+
+
+def test_small_windows_waste_more_than_large_ones() -> None:
+    lengths = _corpus_like_lengths(8192)
+    eff = [padding_efficiency(lengths, windowed_batches(lengths, w, 4096, 256)) for w in (64, 512, 8192)]
+    assert eff[0] < eff[1] < eff[2]
+
+
+def test_padding_efficiency_counts_padding() -> None:
+    lengths = np.array([2, 4, 4, 8])
+    assert padding_efficiency(lengths, [np.array([0, 1]), np.array([2, 3])]) == pytest.approx(18 / 24)
+    assert padding_efficiency(lengths, [np.array([0]), np.array([1, 2]), np.array([3])]) == 1.0
+    with pytest.raises(ValueError, match="window_rows"):
+        windowed_batches(lengths, 0, 16, 4)

@@ -123,3 +123,61 @@ def test_ids_to_arrow_round_trip() -> None:
     arrays = [np.array([0, 5, 2], np.int32), np.empty(0, np.int32), np.array([0, 2], np.int32)]
     assert ids_to_arrow(arrays).to_pylist() == [[0, 5, 2], [], [0, 2]]
     assert ids_to_arrow([]).to_pylist() == []
+
+
+def _fuzz_texts(n: int, seed: int = 5) -> list[str]:
+    """Random strings over the code points where tokenizers disagree: half-width (voiced) kana,
+    full-width ASCII, NFKC-composed symbols, repeated digits, rare kanji, emoji, combining marks
+    and odd whitespace."""
+    import random
+
+    rng = random.Random(seed)
+    ranges = [
+        (0x3041, 0x3096),  # hiragana
+        (0x30A1, 0x30FA),  # katakana
+        (0xFF66, 0xFF9F),  # half-width katakana with the voicing marks ﾞ ﾟ
+        (0xFF01, 0xFF5E),  # full-width ASCII
+        (0x4E00, 0x9FFF),  # CJK
+        (0x20000, 0x2A6DF),  # CJK extension B
+        (0x1F300, 0x1F64F),  # emoji
+        (0x2460, 0x24FF),  # circled numbers
+        (0x3300, 0x33FF),  # squared katakana words
+        (0x0300, 0x036F),  # combining marks
+        (0x20, 0x7E),  # ASCII
+    ]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 40)):
+            r = rng.random()
+            if r < 0.1:
+                parts.append(rng.choice("0123456789") * rng.randint(2, 7))
+            elif r < 0.15:
+                parts.append(rng.choice(["\u3000", "\t", "\n", "  ", "\u00a0", "\u200b"]))
+            else:
+                lo, hi = rng.choice(ranges)
+                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 6))))
+        out.append("".join(parts))
+    return out
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_bpe_model"])
+def test_batched_threaded_tokenizer_matches_reference_on_large_varied_corpus(
+    model_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """The job's fast path (sentencepiece's batched C++ encode over 2 threads, fairseq offset in
+    numpy) gives the reference ids, text by text, on 7,000 texts of every kind."""
+    from jobs.benchmark import generate_documents
+    from jobs.make_tiny_model import generate_corpus
+
+    model_dir: Path = request.getfixturevalue(model_fixture)
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.bpe.model"))
+    texts = generate_documents(3000, seed=11) + generate_corpus(2000, seed=99) + _fuzz_texts(2000) + CORPUS
+    tok = FairseqSentencePiece((model_dir / "sentencepiece.bpe.model").read_bytes(), 512, threads=2)
+    got = []
+    for start in range(0, len(texts), 4096):  # the encoder's window on CPU
+        got.extend(tok.encode(texts[start : start + 4096]))
+    mismatched = [t for t, ids in zip(texts, got, strict=True) if ids.tolist() != reference_ids(sp, t)]
+    assert not mismatched, f"{len(mismatched)} texts differ, e.g. {mismatched[0]!r}"
+    assert sum(3 in ids for ids in got) > 100, "the corpus must reach <unk> often"
+    assert any(len(ids) == 512 for ids in got), "and the truncation limit"
