@@ -46,7 +46,13 @@ def set_ray_data_bars(enabled: bool) -> None:
     from ray.data import DataContext
     from ray.util.debug import log_once
 
-    DataContext.get_current().enable_progress_bars = enabled
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = enabled
+    if enabled:
+        # Ray 2.60 draws its per-stage bars in a terminal only with the rich UI (its tqdm bars
+        # print nothing under a pseudo-terminal); checked with `script -qc`.
+        ctx.enable_rich_progress_bars = True
+        ctx.use_ray_tqdm = False
     if not enabled:
         log_once("ray_data_progress_manager_disabled")  # its "bars disabled" hint misleads here
 
