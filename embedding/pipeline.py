@@ -286,8 +286,8 @@ def run(config: JobConfig) -> RunReport:
         limit = config.max_rejected_fraction
         if limit is not None and rows and report.rows_rejected / rows > limit:
             report.status = "rejected_over_threshold"
-    except BaseException:
-        report.status = "failed"
+    except BaseException as e:
+        report.status = "refused" if isinstance(e, ledger.OutputMismatchError) else "failed"
         raise
     finally:
         report.storage_errors_retried += storage.transient_errors() - driver_errors
