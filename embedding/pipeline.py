@@ -528,7 +528,8 @@ def _embed(
         ledger.write_job(config.output, identity)
         for task, result in done.values():
             publish_deferred(dataclasses.replace(task, stale=tuple(markers.get(task.shard.key, ()))), result)
-    storage.remove_tree(staging)
+    # The lease is ours, so the whole staging area is this run's: leave no empty `_staging/`.
+    storage.remove_tree(storage.join(config.output, STAGING))
 
 
 def _count_duplicates(report: RunReport, hashes: list, hashed: int) -> None:

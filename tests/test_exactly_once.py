@@ -179,6 +179,19 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
 
 
+def _start(inputs: str, output: str, model: Path) -> subprocess.Popen:
+    """The CLI in its own session, so that it and its Ray processes can be killed together."""
+    return subprocess.Popen(
+        _cli(inputs, output, model),
+        cwd=REPO,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _kill_session(sid: int) -> None:
     """SIGKILL the driver and every Ray process it started (they share its session)."""
     for entry in os.listdir("/proc"):
@@ -214,15 +227,7 @@ def test_hard_kill_after_first_commit_then_resume(where_kind: str, tmp_path: Pat
         bucket = request.getfixturevalue("bucket")
         inputs, output = f"{bucket}/in", f"{bucket}/out"
     docs = make_corpus(inputs, shards=8, rows=48)
-    proc = subprocess.Popen(
-        _cli(inputs, output, tiny_model),
-        cwd=REPO,
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(inputs, output, tiny_model)
     try:
         _wait_for(lambda: bool(ledger.read_markers(output)), 300, proc)
     finally:
@@ -262,15 +267,7 @@ def test_hard_kill_after_first_commit_then_resume(where_kind: str, tmp_path: Pat
 def test_concurrent_run_is_detected_and_refused(tmp_path: Path, tiny_model: Path) -> None:
     inputs, output = str(tmp_path / "in"), str(tmp_path / "out")
     docs = make_corpus(inputs, shards=4, rows=48)
-    first = subprocess.Popen(
-        _cli(inputs, output, tiny_model),
-        cwd=REPO,
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _start(inputs, output, tiny_model)
     try:
         _wait_for(lambda: os.path.exists(f"{output}/_lock.json"), 120, first)
         second = subprocess.run(
