@@ -1,4 +1,4 @@
-"""Running on a cluster: deploy/cluster.yaml against Ray's own schema and loader, the KubeRay
+"""Running on a cluster: cluster.yaml against Ray's own schema and loader, the KubeRay
 manifest, the scheduled configs, and ``ray job submit`` against a real local head with token
 authentication (slow)."""
 
@@ -26,7 +26,7 @@ import yaml
 from embedding.config import JobConfig
 from tests.conftest import REPO, SAMPLES
 
-CLUSTER_YAML = REPO / "deploy" / "cluster.yaml"
+CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "rayjob.yaml"
 CONFIGS = REPO / "jobs" / "configs"
 CREDENTIAL_PATTERNS = re.compile(r"aws_access_key_id|aws_secret_access_key|AKIA[0-9A-Z]{12}|secretKey", re.I)

@@ -87,6 +87,7 @@ class FlakyProxy:
     def __init__(self, upstream: str, every: int = 4) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self.faults = {"503": 0, "500": 0, "reset": 0}
+        self.faulted: list[tuple[str, str, str]] = []  # (kind, method, path) of each injected fault
         self.requests = 0
         lock = threading.Lock()
         proxy = self
@@ -106,6 +107,7 @@ class FlakyProxy:
                     kind = ("503", "500", "reset")[(n // every) % 3]
                     with lock:
                         proxy.faults[kind] += 1
+                        proxy.faulted.append((kind, self.command, self.path))
                     if kind == "reset":
                         # SO_LINGER 0 then closing every handle on the socket sends a TCP RST.
                         self.connection.setsockopt(
@@ -179,8 +181,11 @@ def test_flaky_s3_endpoint_still_gives_complete_output(bucket: str, s3_endpoint:
     report = json.loads(storage.read_bytes(f"{bucket}/out/_runs/flaky.json"))
     assert report["rows_embedded"] == 96
     # Every 503 and 500 was seen and retried by botocore, and counted; resets are retried
-    # below botocore (by the HTTP client) and may not be.
-    assert report["storage_errors_retried"] >= proxy.faults["503"] + proxy.faults["500"]
+    # below botocore (by the HTTP client) and may not be. The report cannot count the faults
+    # on its own write, nor on the lease release after it, so those requests are left out.
+    late = ("/_runs/", "/_lock.json")
+    counted = [f for f in proxy.faulted if f[0] != "reset" and not any(part in f[2] for part in late)]
+    assert report["storage_errors_retried"] >= len(counted), proxy.faulted
 
 
 # --------------------------------------------------------------------------------------------
