@@ -65,12 +65,13 @@ class JobConfig:
     # Rows handed to one encoder call; the encoder sorts within it by length, so larger
     # windows waste less on padding. None picks a default for the device (see encode.py).
     window_rows: int | None = None
-    read_chunk_rows: int = 8192
+    read_chunk_rows: int | None = None  # None: a window's rows, at most 8192
     device: str = "auto"
     num_gpus: float = 1.0
-    cpus_per_actor: float = 1.0
+    # CPU encoders: None sizes them to the cores (one single-threaded actor per core).
+    cpus_per_actor: float | None = None
     threads_per_actor: int | None = None
-    min_actors: int = 1
+    min_actors: int | None = None  # None: all CPU encoders at once; on GPU, grow from 1
     max_actors: int | None = None
     tokenizer_actors: int = 1
     tokenizer_cpus: float = 0.5
@@ -150,19 +151,20 @@ class JobConfig:
         _positive("batch_tokens", self.batch_tokens, allow_none=True)
         for name in ("batch_rows", "window_rows", "read_chunk_rows", "tokenizer_actors"):
             value = getattr(self, name)
-            if value is None and name in ("batch_rows", "window_rows"):
+            if value is None and name in ("batch_rows", "window_rows", "read_chunk_rows"):
                 continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a whole number ≥ 1; got {value!r}")
         if not 0 < self.num_gpus <= 8:
             raise ValueError(f"`num_gpus` is GPUs per encoder actor and must be in (0, 8]; got {self.num_gpus}")
-        _positive("cpus_per_actor", self.cpus_per_actor)
+        if self.cpus_per_actor is not None:
+            _positive("cpus_per_actor", self.cpus_per_actor)
         _positive("tokenizer_cpus", self.tokenizer_cpus)
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
             raise ValueError(f"`threads_per_actor` must be ≥ 1; got {self.threads_per_actor}")
-        if self.min_actors < 1:
+        if self.min_actors is not None and self.min_actors < 1:
             raise ValueError(f"`min_actors` must be ≥ 1; got {self.min_actors}")
-        if self.max_actors is not None and self.max_actors < self.min_actors:
+        if self.max_actors is not None and self.max_actors < (self.min_actors or 1):
             raise ValueError(f"`max_actors` ({self.max_actors}) must be ≥ `min_actors` ({self.min_actors})")
         if self.batch_tokens is not None and self.max_length is not None:
             if self.batch_tokens < self.max_length:

@@ -29,9 +29,9 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # together. The windows are what keeps padding efficiency at 0.95 or more on a corpus of 10 to
 # 150 tokens with a tail to 512 (tests/test_pooling_batching.py); a GPU's larger batches need
 # larger windows to find rows of like length.
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
 DEFAULT_BATCH_ROWS = {"cpu": 256, "cuda": 1024}
-DEFAULT_WINDOW_ROWS = {"cpu": 4096, "cuda": 32768}
+DEFAULT_WINDOW_ROWS = {"cpu": 2048, "cuda": 32768}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -66,16 +66,16 @@ class EncoderModel:
     """A sentence encoder: transformer + pooling (+ Normalize), on one device."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str, *, remap_luke: bool = True) -> None:
-        from transformers import AutoConfig, AutoModel
-
         path = materialize(spec)
         self.model = None
         if remap_luke and spec.model_type == "luke":
-            # Same computation as LukeModel on word inputs, with SDPA attention (embedding/luke.py).
+            # Same computation as LukeModel on word inputs, in plain torch (embedding/luke.py).
             self.model, why_not = load_word_encoder(path, TORCH_DTYPES[dtype])
             if self.model is None:
                 logger.warning("running LukeModel with eager attention: %s", why_not)
         if self.model is None:
+            from transformers import AutoConfig, AutoModel  # 2 s to import: only where needed
+
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             self.model = AutoModel.from_pretrained(
                 path,
@@ -100,7 +100,8 @@ class EncoderModel:
         """
         mask_d = mask.to(self.device, non_blocking=True)
         out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=mask_d)
-        vectors = pooling.pool(self.spec.pooling, out.last_hidden_state, mask_d)
+        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+        vectors = pooling.pool(self.spec.pooling, hidden, mask_d)
         if self.spec.normalize:
             vectors = pooling.normalize(vectors)
         return vectors.float()

@@ -11,12 +11,17 @@
                                       with --chunk, one row per passage
       ▼
     Encode             GPU actors     ids -> vectors (length-sorted, token-budget batches)
-      │                (CPU actors with explicit threads where the cluster has no GPU)
       ▼
-    WriteParts         CPU tasks      rows -> staged parts under _staging/, one metadata row out
+    WriteParts         CPU actors     rows -> staged parts under _staging/, one metadata row out
       ▼
     driver             streams the metadata; commits each shard as soon as all its rows are
                        staged (commit_shard, a small Ray task); writes _runs/<run-id>.json
+
+Where the cluster has no GPU, Tokenize, Encode and WriteParts run as one CPU actor stage
+(:class:`CpuStages`, explicit torch threads): on CPU the encoder is two orders of magnitude
+slower than the tokenizer and the writer, so separate pools would only add processes, object
+copies and scheduling on the cores the encoder needs. On GPU they stay apart, so that the
+encoders never wait for tokens.
 
 Backpressure is Ray Data's streaming executor: no stage materialises the corpus.
 """
@@ -115,6 +120,9 @@ class TooManyRejectedError(RuntimeError):
         self.report = report
 
 
+READ_CPUS = 0.25  # logical CPUs of a read task; differs from the tokenizer's so Ray does not fuse them
+COMMIT_CPUS = 0.25
+MAX_READ_CHUNK_ROWS = 8192  # rows per block read from a shard, unless --read-chunk-rows
 MAX_HASHED_IDS = 200_000_000  # 1.6 GB of hashes on the driver; beyond it duplicates count per shard
 
 
@@ -160,6 +168,48 @@ def _read_stage(batch: pa.Table, layout: InputLayout) -> Iterator[pa.Table]:
         errors = [0] * previous.num_rows
         errors[0] = storage.transient_errors() - before
         yield previous.set_column(previous.num_columns - 1, S.STORAGE_ERRORS, pa.array(errors, pa.int64()))
+
+
+class CpuStages:
+    """Ray actor stage for CPU-only clusters: Tokenize, then Encode, then WriteParts, in turn.
+
+    Each stage is given as ``(class, args, kwargs)`` and built once in the actor."""
+
+    def __init__(self, *stages: tuple[type, tuple, dict]) -> None:
+        self.stages = [cls(*args, **kwargs) for cls, args, kwargs in stages]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def _cpu_encoders(config: JobConfig, nodes: list[dict]) -> tuple[float, int, int]:
+    """Logical CPUs per CPU encoder actor, the most actors, and torch threads per actor.
+
+    By default one single-threaded actor per core: on 2 cores two 1-thread encoders embed about
+    13% more tokens per second than one 2-thread encoder (no thread barrier per operation, and a
+    core lost to another process stalls one actor, not both). Each actor declares the share of
+    a core that leaves the read and commit tasks room on the smallest node.
+    """
+    sizes = [n["Resources"].get("CPU", 0) for n in nodes if n.get("Alive")]
+    sizes = [c for c in sizes if c >= 1] or [1.0]
+    others = READ_CPUS + COMMIT_CPUS
+    smallest = min(sizes)
+    if config.cpus_per_actor is None:
+        per = max(0.01, int((smallest - others) / smallest * 100) / 100)
+    else:
+        per = config.cpus_per_actor
+    fit = [max(1, int((c - others) // per)) for c in sizes]
+    max_actors = config.max_actors or sum(fit)
+    if config.threads_per_actor:
+        threads = config.threads_per_actor
+    elif config.cpus_per_actor is None:
+        # Fewer actors than cores (--max-actors) share the cores out as threads.
+        threads = max(1, int(smallest // min(fit[sizes.index(smallest)], max_actors)))
+    else:
+        threads = max(1, int(per))
+    return per, max_actors, threads
 
 
 def _init_ray(config: JobConfig) -> None:
@@ -236,7 +286,7 @@ def run(config: JobConfig) -> RunReport:
             id_type=config.id_type,
             keep_columns=config.keep_columns,
             format_override=config.format,
-            chunk_rows=config.read_chunk_rows,
+            chunk_rows=config.read_chunk_rows or MAX_READ_CHUNK_ROWS,
         )
     identity = identity_of(config, spec, layout)
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -381,41 +431,34 @@ def _embed(
 
     if use_gpu:
         max_actors = config.max_actors or max(1, int(gpus / config.num_gpus))
+        min_actors = min(config.min_actors or 1, max_actors)
         encoder_resources = {"num_gpus": config.num_gpus}
         threads = config.threads_per_actor
     else:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        # Logical CPUs the other stages hold (tokenizers, a read task, the writers): encoders
-        # that assumed them free could never all start.
-        others = config.tokenizer_actors * config.tokenizer_cpus + 0.25 + 2 * 0.25
-        max_actors = config.max_actors or max(1, int((cpus - others) // config.cpus_per_actor))
-        encoder_resources = {"num_cpus": config.cpus_per_actor}
-        # ...but they use little of them, so torch's threads are sized to the cores: on 2 cores
-        # one encoder with 2 threads, not 1 thread and an idle core.
-        threads = config.threads_per_actor or max(1, int(cpus // max_actors))
-    min_actors = min(config.min_actors, max_actors)
+        cpus, max_actors, threads = _cpu_encoders(config, ray.nodes())
+        min_actors = min(config.min_actors or max_actors, max_actors)
+        encoder_resources = {"num_cpus": cpus}
 
     window_rows = config.window_rows or DEFAULT_WINDOW_ROWS["cuda" if use_gpu else "cpu"]
+    # A block is what one encoder call is handed at once: blocks no larger than a window let
+    # the last windows of a run spread over the actors instead of queueing on one.
+    layout = dataclasses.replace(layout, chunk_rows=config.read_chunk_rows or min(MAX_READ_CHUNK_ROWS, window_rows))
     # Before the Dataset exists: it copies Ray Data's context (progress bars on or off).
     tracker = progress.for_run(config, work.todo, report)
+    # Ray Data would read every map worker's USS from /proc each second: CPU the encoders need.
+    ray.data.DataContext.get_current().memory_usage_poll_interval_s = None
     items = [asdict(s) for s in work.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Reads use a different CPU share from the tokenizer so that Ray does not fuse the two:
-    # reads then run as parallel tasks, tokenization on its own actors.
-    ds = ds.map_batches(_read_stage, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    # Reads take a CPU share unlike the next stage's, so that Ray does not fuse them into its
+    # actors: reads run as parallel tasks, ahead of the actors.
     ds = ds.map_batches(
-        Tokenize,
-        fn_constructor_args=(spec.tokenizer,),
-        fn_constructor_kwargs={"chunk": chunk, "keep_text": config.keep_text},
-        batch_size=window_rows,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
-        num_cpus=config.tokenizer_cpus,
+        _read_stage, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
     )
-    ds = ds.map_batches(
+    tokenize = (Tokenize, (spec.tokenizer,), {"chunk": chunk, "keep_text": config.keep_text})
+    encode = (
         Encode,
-        fn_constructor_args=(spec,),
-        fn_constructor_kwargs={
+        (spec,),
+        {
             "device": "cuda" if use_gpu else "cpu",
             "dtype": hw["dtype"],
             "threads": threads,
@@ -424,22 +467,45 @@ def _embed(
             "output_dtype": config.output_dtype,
             "fault_injection": config.fault_injection,
         },
-        batch_size=window_rows,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        **encoder_resources,
     )
-    ds = ds.map_batches(
-        WriteParts,
-        fn_constructor_args=(staging, out_format),
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=2),
-        num_cpus=0.25,
+    write = (WriteParts, (staging, out_format), {})
+    # On CPU an actor holds one window in hand and one queued: with more queued, the last
+    # windows could wait behind a busy actor while another one idles.
+    encoders = ActorPoolStrategy(
+        min_size=min_actors, max_size=max_actors, max_tasks_in_flight_per_actor=None if use_gpu else 1
     )
+    if not use_gpu:
+        ds = ds.map_batches(
+            CpuStages,
+            fn_constructor_args=(tokenize, encode, write),
+            batch_size=window_rows,
+            batch_format="pyarrow",
+            compute=encoders,
+            **encoder_resources,
+        )
+    else:
+        for (cls, args, kwargs), batch_size, compute, resources in (
+            (
+                tokenize,
+                window_rows,
+                ActorPoolStrategy(min_size=1, max_size=config.tokenizer_actors),
+                {"num_cpus": config.tokenizer_cpus},
+            ),
+            (encode, window_rows, encoders, encoder_resources),
+            (write, None, ActorPoolStrategy(min_size=1, max_size=2), {"num_cpus": 0.25}),
+        ):
+            ds = ds.map_batches(
+                cls,
+                fn_constructor_args=args,
+                fn_constructor_kwargs=kwargs,
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=compute,
+                **resources,
+            )
 
     by_key = {s.key: s for s in work.todo}
-    commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3)
+    commit = ray.remote(commit_shard).options(num_cpus=COMMIT_CPUS, max_retries=3)
     staged: dict[str, int] = {}
     # Output rows staged and expected per shard; they differ only while a chunked shard has
     # documents whose later passages are not staged yet.

@@ -126,24 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu forces CPU encoders even on a GPU cluster [default: auto]",
     )
     r.add_argument("--num-gpus", type=float, help="GPUs per encoder actor; fractions share a GPU [default: 1]")
-    r.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor where there is no GPU [default: 1]")
-    r.add_argument("--threads-per-actor", type=int, help="torch threads per CPU encoder actor [default: its CPUs]")
-    r.add_argument("--min-actors", type=int, help="smallest encoder pool [default: 1]")
+    r.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        help="CPUs per encoder actor where there is no GPU [default: one single-threaded actor per core, "
+        "less the share the read and commit tasks hold]",
+    )
+    r.add_argument(
+        "--threads-per-actor",
+        type=int,
+        help="torch threads per CPU encoder actor [default: 1, or its whole CPUs with --cpus-per-actor]",
+    )
+    r.add_argument(
+        "--min-actors", type=int, help="smallest encoder pool [default: every CPU encoder at once; 1 on GPU]"
+    )
     r.add_argument("--max-actors", type=int, help="largest encoder pool [default: one per GPU, or per CPU share]")
-    r.add_argument("--tokenizer-actors", type=int, help="tokenizer actors (CPU) [default: 1]")
+    r.add_argument(
+        "--tokenizer-actors",
+        type=int,
+        help="tokenizer actors ahead of GPU encoders (CPU encoders tokenize themselves) [default: 1]",
+    )
     r.add_argument("--tokenizer-cpus", type=float, help="CPUs per tokenizer actor [default: 0.5]")
     r.add_argument(
         "--batch-tokens",
         type=int,
-        help="tokens per forward pass, padding included [default: 4096 on CPU, 65536 on GPU]",
+        help="tokens per forward pass, padding included [default: 2048 on CPU, 65536 on GPU]",
     )
     r.add_argument("--batch-rows", type=int, help="texts per forward pass at most [default: 256 on CPU, 1024 on GPU]")
     r.add_argument(
         "--window-rows",
         type=int,
-        help="rows per encoder call, sorted by length within [default: 4096 on CPU, 32768 on GPU]",
+        help="rows per encoder call, sorted by length within [default: 2048 on CPU, 32768 on GPU]",
     )
-    r.add_argument("--read-chunk-rows", type=int, help="rows per block read from a shard [default: 8192]")
+    r.add_argument(
+        "--read-chunk-rows", type=int, help="rows per block read from a shard [default: a window's rows, at most 8192]"
+    )
     o = p.add_argument_group("run")
     o.add_argument(
         "--overwrite",

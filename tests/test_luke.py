@@ -1,4 +1,4 @@
-"""LUKE's word weights in XLMRobertaModel (SDPA) compute what LukeModel computes, or we fall back."""
+"""LUKE's word weights in the plain-torch WordEncoder compute what LukeModel computes, or we fall back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from embedding.encode import EncoderModel
-from embedding.luke import load_word_encoder, xlmr_config
+from embedding.luke import check_config, load_word_encoder
 from embedding.model import resolve_model
 from embedding.tokenize import load_tokenizer
 from tests.reference import reference_embeddings
@@ -38,28 +38,44 @@ def _padded_batch(lengths: list[int], vocab: int, pad: int = 1) -> tuple[torch.T
     return ids, mask
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit-attention", "sdpa-as-on-gpu"])
 @pytest.mark.parametrize("fixture", ["tiny_model", "wide_model"])
-def test_xlmr_remap_matches_luke_in_fp32_within_1e5(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_word_encoder_matches_luke_in_fp32_within_1e5(fixture: str, sdpa: bool, request: pytest.FixtureRequest) -> None:
     from transformers import LukeModel
 
     path: Path = request.getfixturevalue(fixture)
     luke = LukeModel.from_pretrained(str(path), dtype=torch.float32).eval()
-    xlmr, why_not = load_word_encoder(path, torch.float32)
-    assert xlmr is not None, why_not
-    assert xlmr.config._attn_implementation == "sdpa"
+    word, why_not = load_word_encoder(path, torch.float32)
+    assert word is not None, why_not
+    word.sdpa = sdpa
     # Padded rows of very different lengths, up to the 512-token limit.
     ids, mask = _padded_batch([2, 3, 17, 64, 130, 511, 512], luke.config.vocab_size)
     with torch.inference_mode():
         want = luke(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = xlmr(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = word(input_ids=ids, attention_mask=mask)
     real = mask.bool()
     assert (got[real] - want[real]).abs().max().item() <= 1e-5
+
+
+def test_word_encoder_in_bf16_stays_close_to_luke_in_bf16(tiny_model: Path) -> None:
+    """The bf16 path rounds differently (fused QKV, in-place scaling) but not further."""
+    from transformers import LukeModel
+
+    luke = LukeModel.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    word, _ = load_word_encoder(tiny_model, torch.bfloat16)
+    ids, mask = _padded_batch([5, 40, 200], luke.config.vocab_size)
+    with torch.inference_mode():
+        want = luke(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = word(input_ids=ids, attention_mask=mask).float()
+    real = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(got[real], want[real], dim=-1)
+    assert cos.min().item() >= 0.999
 
 
 def test_encoder_runs_the_remap_and_stays_within_1e4_of_reference(tiny_model: Path) -> None:
     spec = resolve_model(str(tiny_model))
     enc = EncoderModel(spec, "cpu", "float32")
-    assert enc.architecture == "XLMRobertaModel"
+    assert enc.architecture == "WordEncoder"
     got, failed = enc.embed(load_tokenizer(spec.tokenizer).encode(CORPUS), max_tokens=1024, max_rows=4)
     assert not failed
     assert np.abs(got - reference_embeddings(tiny_model, CORPUS)).max() < 1e-4
@@ -87,4 +103,9 @@ def test_remap_refuses_unknown_weights_and_other_models(tiny_model: Path, tmp_pa
     save_file(state, str(d / "model.safetensors"))
     model, why_not = load_word_encoder(d, torch.float32)
     assert model is None and "rotary" in why_not
-    assert xlmr_config({"model_type": "bert"})[0] is None
+    del state["encoder.layer.0.attention.self.rotary.weight"], state["encoder.layer.0.output.dense.bias"]
+    save_file(state, str(d / "model.safetensors"))
+    model, why_not = load_word_encoder(d, torch.float32)
+    assert model is None and "encoder.layer.0.output.dense.bias" in why_not
+    assert "model_type" in check_config({"model_type": "bert"})
+    assert "hidden_act" in check_config({**json.loads((tiny_model / "config.json").read_text()), "hidden_act": "swish"})
