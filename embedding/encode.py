@@ -18,20 +18,13 @@ import torch
 
 from embedding import pooling
 from embedding import schema as S
-from embedding.batching import token_budget_batches
+from embedding.batching import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, token_budget_batches
 from embedding.luke import load_word_encoder
 from embedding.model import ModelSpec, materialize
 
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Per device: tokens per forward pass (padding included), texts per pass, and rows sorted
-# together. The windows are what keeps padding efficiency at 0.95 or more on a corpus of 10 to
-# 150 tokens with a tail to 512 (tests/test_pooling_batching.py); a GPU's larger batches need
-# larger windows to find rows of like length.
-DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
-DEFAULT_BATCH_ROWS = {"cpu": 256, "cuda": 1024}
-DEFAULT_WINDOW_ROWS = {"cpu": 2048, "cuda": 32768}
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -173,10 +173,18 @@ def _read_stage(batch: pa.Table, layout: InputLayout) -> Iterator[pa.Table]:
 class CpuStages:
     """Ray actor stage for CPU-only clusters: Tokenize, then Encode, then WriteParts, in turn.
 
-    Each stage is given as ``(class, args, kwargs)`` and built once in the actor."""
+    Each stage is given as ``(class or "module:Class", args, kwargs)`` and built once in the
+    actor; by name, the driver need not import what only the actor runs (torch)."""
 
-    def __init__(self, *stages: tuple[type, tuple, dict]) -> None:
-        self.stages = [cls(*args, **kwargs) for cls, args, kwargs in stages]
+    def __init__(self, *stages: tuple[type | str, tuple, dict]) -> None:
+        import importlib
+
+        self.stages = []
+        for cls, args, kwargs in stages:
+            if isinstance(cls, str):
+                module, _, name = cls.partition(":")
+                cls = getattr(importlib.import_module(module), name)
+            self.stages.append(cls(*args, **kwargs))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:
@@ -225,14 +233,31 @@ def _init_ray(config: JobConfig) -> None:
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
+def cpu_flags_fast_bf16() -> bool | None:
+    """``encode.cpu_has_fast_bf16`` from the kernel's CPU flags, without importing torch (a
+    second and 300 MB in a driver that runs no model); None where there are no flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
 def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
     """Ask a worker with the encoder's resources what device and dtype it would use."""
     import ray
 
+    if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Ray runs on this machine: answer here rather than pay a worker start-up for it, and
+        # from the CPU flags where they say, rather than import torch into the driver.
+        fast = cpu_flags_fast_bf16() if config.device in ("auto", "cpu") else None
+        if fast is not None:
+            dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if fast else "float32")
+            return {"device": "cpu", "dtype": dtype}
     from embedding.encode import probe_hardware
 
     if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
-        # Ray runs on this machine: ask here rather than pay a worker start-up for the answer.
         return probe_hardware(config.device, config.dtype)
     resources = {"num_gpus": config.num_gpus} if use_gpu else {"num_cpus": 0}
     task = ray.remote(probe_hardware).options(**resources)
@@ -375,7 +400,7 @@ def _embed(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from embedding.encode import DEFAULT_WINDOW_ROWS, Encode
+    from embedding.batching import DEFAULT_WINDOW_ROWS
     from embedding.tokenize import ChunkSpec, Tokenize
 
     chunk = None
@@ -456,7 +481,7 @@ def _embed(
     )
     tokenize = (Tokenize, (spec.tokenizer,), {"chunk": chunk, "keep_text": config.keep_text})
     encode = (
-        Encode,
+        "embedding.encode:Encode",
         (spec,),
         {
             "device": "cuda" if use_gpu else "cpu",
@@ -484,6 +509,9 @@ def _embed(
             **encoder_resources,
         )
     else:
+        from embedding.encode import Encode
+
+        encode = (Encode, *encode[1:])
         for (cls, args, kwargs), batch_size, compute, resources in (
             (
                 tokenize,

@@ -340,8 +340,13 @@ def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int, device: str
 def run_benchmark(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from embedding.batching import padding_efficiency, windowed_batches
-    from embedding.encode import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW_ROWS
+    from embedding.batching import (
+        DEFAULT_BATCH_ROWS,
+        DEFAULT_BATCH_TOKENS,
+        DEFAULT_WINDOW_ROWS,
+        padding_efficiency,
+        windowed_batches,
+    )
     from embedding.model import resolve_model
     from embedding.tokenize import load_tokenizer
     from jobs.make_tiny_model import build_tiny_model

@@ -123,3 +123,15 @@ def test_dtype_auto_follows_hardware() -> None:
 
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_fast_bf16() else "float32")
     assert resolve_dtype("float16", "cpu") == "float16"
+
+
+def test_driver_reads_the_same_bf16_answer_from_cpu_flags_as_torch() -> None:
+    """The local driver decides the compute dtype from /proc/cpuinfo, without torch; the
+    answer must be torch's own, or the job would pick bf16 where it is slow, or miss it where fast."""
+    from embedding.encode import cpu_has_fast_bf16
+    from embedding.pipeline import cpu_flags_fast_bf16
+
+    flags = cpu_flags_fast_bf16()
+    if flags is None:
+        pytest.skip("no CPU flags in /proc/cpuinfo on this system")
+    assert flags == cpu_has_fast_bf16()

@@ -90,7 +90,7 @@ def test_windowed_batches_cover_every_row_once_and_stay_in_their_window() -> Non
 
 
 def test_default_window_and_budget_reach_095_padding_efficiency() -> None:
-    from embedding.encode import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW_ROWS
+    from embedding.batching import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW_ROWS
 
     lengths = _corpus_like_lengths(100_000)
     for device in ("cpu", "cuda"):
