@@ -32,6 +32,31 @@ def cpu_has_fast_bf16() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS: glibc's ``malloc_trim`` (elsewhere nothing), and
+    Arrow's memory pool.
+
+    Ray runs a stage in a worker thread, whose glibc arena keeps what each window freed: on a
+    200,000-row run an encoder actor's heap grew from 750 MB to 1.1 GB and on. Trimming after
+    each window keeps it flat; it costs milliseconds against a window's seconds."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (raises AttributeError off glibc)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+    pa.default_memory_pool().release_unused()
+
+
+_LIBC = None
+
+
 def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,6 +218,10 @@ class Encode:
         self.faults = faults
         self.device = resolve_device(device)
         if self.device == "cpu":
+            # oneDNN caches a primitive per matrix shape, up to 1,024 of them; batches of every
+            # length make nearly every shape new, so the cache only held memory (270 MB an
+            # actor on a 200,000-row run) and gave no measurable speed. Read at first use.
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
             # Ray sets OMP_NUM_THREADS=1 in workers; size the pool to the actor's CPUs instead.
             torch.set_num_threads(threads or max(1, int(os.environ.get("EMBEDDING_THREADS", "1"))))
         self.dtype = resolve_dtype(dtype, self.device)
@@ -231,4 +260,7 @@ class Encode:
         # The text rides on only where a rejected row needs it for the quarantine.
         text = pc.if_else(pc.is_null(rejects), pa.scalar(None, pa.string()), batch[S.TEXT])
         batch = batch.drop_columns([S.INPUT_IDS, S.TEXT]).append_column(S.TEXT, text)
-        return batch.append_column(S.EMBEDDING, vectors_to_arrow(vectors, valid, self.output_dtype))
+        batch = batch.append_column(S.EMBEDDING, vectors_to_arrow(vectors, valid, self.output_dtype))
+        del ids, all_ids, flat
+        trim_heap()
+        return batch
