@@ -481,6 +481,11 @@ def _machine(device: str) -> dict:
     return info
 
 
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell: blank where a runner has no such number (a peer's padding, an absent peer)."""
+    return "" if value is None or value != value else format(value, spec)
+
+
 def format_table(result: dict) -> str:
     head = (
         "| runner | wall s | texts/s | tokens/s | × st-fp32 | × st-bf16 | padding eff. | peak MiB | % bf16 matmul "
@@ -490,9 +495,9 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['runner']} | {r['wall_s']:.1f} | {r['texts_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-            f"{r.get('x_st-fp32', 1.0 if r['runner'] == 'st-fp32' else float('nan')):.2f} | "
-            f"{r.get('x_st-bf16', 1.0 if r['runner'] == 'st-bf16' else float('nan')):.2f} | "
-            f"{r.get('padding_efficiency', float('nan')):.3f} | {r['peak_memory_mib']:,.0f} | "
+            f"{_cell(r.get('x_st-fp32', 1.0 if r['runner'] == 'st-fp32' else None), '.2f')} | "
+            f"{_cell(r.get('x_st-bf16', 1.0 if r['runner'] == 'st-bf16' else None), '.2f')} | "
+            f"{_cell(r.get('padding_efficiency'), '.3f')} | {r['peak_memory_mib']:,.0f} | "
             f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% | {r['cpu_s']:.0f} | {r['tokens_per_cpu_s']:,.0f} |"
             + (f" GPU idle {100 * r['encoder_idle_fraction']:.0f}% |" if "encoder_idle_fraction" in r else "")
         )
