@@ -494,7 +494,7 @@ def _embed(
         },
     )
     write = (WriteParts, (staging, out_format), {})
-    # On CPU an actor holds one window in hand and one queued: with more queued, the last
+    # On CPU an actor is handed one window at a time: with more queued on it, the last
     # windows could wait behind a busy actor while another one idles.
     encoders = ActorPoolStrategy(
         min_size=min_actors, max_size=max_actors, max_tasks_in_flight_per_actor=None if use_gpu else 1
