@@ -24,9 +24,10 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python -m jobs.embed_corpus --input samples/corpus --output $(OUT) --model $(MODEL) --keep-columns source
 
-# No internet: build a small random-weight model with GLuCoSE's layout and embed with it.
+# No internet: build a small random-weight model with GLuCoSE's layout (once: a rebuilt model
+# is a new revision, which the output would refuse to mix) and embed with it.
 run-offline: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m jobs.make_tiny_model .tiny-model
+	test -f .tiny-model/model.safetensors || HF_HUB_OFFLINE=1 $(BIN)/python -m jobs.make_tiny_model .tiny-model
 	HF_HUB_OFFLINE=1 $(BIN)/python -m jobs.embed_corpus --input samples/corpus --output $(OUT) --model .tiny-model --keep-columns source
 
 test: setup

@@ -8,6 +8,7 @@ A YAML key is the field name (``text_column``; ``text-column`` is accepted too).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ def _positive(name: str, value: float | None, *, allow_none: bool = False) -> No
         return
     if value is None or value <= 0:
         raise ValueError(f"`{name}` must be a positive number; got {value!r}")
+
+
+def _absolute(uri: str) -> str:
+    """``uri`` unchanged where it has a scheme (s3://, file://); a local path made absolute."""
+    if "://" in uri:
+        return uri
+    trailing = "/" if uri.endswith("/") and len(uri) > 1 else ""
+    return os.path.abspath(os.path.expanduser(uri)) + trailing
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,10 @@ class JobConfig:
             raise ValueError("`inputs` must name at least one file, directory, prefix or glob")
         if not self.output:
             raise ValueError("`output` must be a directory or prefix URI; got an empty value")
+        # Local paths are made absolute once, here: listings come back absolute, and the
+        # markers a rerun compares are paths relative to the output.
+        object.__setattr__(self, "inputs", tuple(_absolute(i) for i in self.inputs))
+        object.__setattr__(self, "output", _absolute(str(self.output)))
         if not self.model:
             raise ValueError("`model` must be a hub id, a local directory or an s3:// directory")
         for name in ("text_column", "id_column"):

@@ -64,10 +64,13 @@ def job(inputs: str, output: str, model: Path, **kw) -> JobConfig:
     return JobConfig(inputs=(inputs,), output=output, model=str(model), cpus_per_actor=1, max_actors=1, **kw)
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path: Path) -> tuple[str, str]:
+@pytest.fixture(params=["local", "relative", "s3"])
+def where(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     if request.param == "local":
         return str(tmp_path / "in"), str(tmp_path / "out")
+    if request.param == "relative":  # as the README's own commands run: paths relative to the cwd
+        monkeypatch.chdir(tmp_path)
+        return "in", "out/sample"
     bucket = request.getfixturevalue("bucket")
     return f"{bucket}/in", f"{bucket}/out"
 
