@@ -189,7 +189,10 @@ def test_cli_help_explains_every_option() -> None:
     [
         (["--input", "/nonexistent/corpus", "--output", "/tmp/x"], "input /nonexistent/corpus matches no file"),
         (["--input", "samples/corpus", "--output", "/tmp/x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-        (["--input", "samples/corpus", "--output", "samples/corpus/out"], "lies inside input samples/corpus"),
+        (
+            ["--input", "samples/corpus", "--output", "samples/corpus/out"],
+            f"lies inside input {REPO / 'samples' / 'corpus'}",
+        ),
     ],
 )
 def test_cli_refusals_are_one_line(args: list[str], message: str) -> None:
