@@ -248,16 +248,18 @@ def _probe(config: JobConfig, use_gpu: bool) -> dict[str, str]:
     """Ask a worker with the encoder's resources what device and dtype it would use."""
     import ray
 
-    if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
-        # Ray runs on this machine: answer here rather than pay a worker start-up for it, and
-        # from the CPU flags where they say, rather than import torch into the driver.
-        fast = cpu_flags_fast_bf16() if config.device in ("auto", "cpu") else None
-        if fast is not None:
-            dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if fast else "float32")
-            return {"device": "cpu", "dtype": dtype}
+    local = not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    # Ray runs on this machine: answer here rather than pay a worker start-up for it, and from
+    # the CPU flags where they say, rather than import torch into the driver.
+    fast = cpu_flags_fast_bf16() if local and config.device in ("auto", "cpu") else None
+    if fast is not None:
+        return {
+            "device": "cpu",
+            "dtype": config.dtype if config.dtype != "auto" else ("bfloat16" if fast else "float32"),
+        }
     from embedding.encode import probe_hardware
 
-    if not use_gpu and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+    if local:
         return probe_hardware(config.device, config.dtype)
     resources = {"num_gpus": config.num_gpus} if use_gpu else {"num_cpus": 0}
     task = ray.remote(probe_hardware).options(**resources)

@@ -196,14 +196,8 @@ def test_cli_help_explains_every_option() -> None:
     ],
 )
 def test_cli_refusals_are_one_line(args: list[str], message: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.embed_corpus", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    from tests.test_refusals import _run
+
+    proc = _run(args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
