@@ -229,7 +229,15 @@ def _init_ray(config: JobConfig) -> None:
     # one, start a Ray for this run ("local"): a bare ray.init() would join whatever cluster
     # `ray start` last left in /tmp/ray, even a dead one. Its dashboard would only take CPU.
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    local = {} if address else {"include_dashboard": False}
+    local = {}
+    if not address:
+        # Ray keeps one idle worker per CPU and kills any other after a second idle; but reads
+        # and commits take a quarter of a CPU each, so a run restarted a worker process (about
+        # a CPU-second each) for nearly every shard, taking the CPU from the encoders. Keep as
+        # many as can run at once, plus Ray Data's own actors.
+        cpus = os.cpu_count() or 1
+        workers = int(cpus / min(READ_CPUS, COMMIT_CPUS)) + 4
+        local = {"include_dashboard": False, "_system_config": {"num_workers_soft_limit": workers}}
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
 
 
