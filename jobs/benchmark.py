@@ -415,8 +415,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if len(ids) != len(texts):
             raise RuntimeError(f"the job wrote {len(ids)} vectors for {len(texts)} texts")
         compute_dtype = meta.get(b"embedding.compute_dtype", b"?").decode()
-        fidelity = _fidelity(model, texts, ids, vecs, args.fidelity_sample, device)
-        fidelity["compute_dtype"] = compute_dtype
+        if args.fidelity_sample > 0:
+            fidelity = _fidelity(model, texts, ids, vecs, args.fidelity_sample, device)
+            fidelity["compute_dtype"] = compute_dtype
 
     rows = []
     for name, r in results.items():
@@ -540,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
     p.add_argument("--peer-batch-size", type=int, default=32, help="sentence-transformers batch size [default: 32]")
     p.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeatable)")
-    p.add_argument("--fidelity-sample", type=int, default=1000)
+    p.add_argument(
+        "--fidelity-sample", type=int, default=1000, help="texts checked against float32 (0: no check) [default: 1000]"
+    )
     p.add_argument("--workdir", default=".bench")
     p.add_argument("--json", default=None, help="where to write the table as JSON [default: WORKDIR/benchmark.json]")
     return p
