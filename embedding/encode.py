@@ -124,22 +124,28 @@ class EncoderModel:
             vectors = pooling.normalize(vectors)
         return vectors.float()
 
-    def embed(self, ids: list[np.ndarray], max_tokens: int, max_rows: int) -> tuple[np.ndarray, dict[int, str]]:
-        """Ragged ids -> (len(ids), dim) float32 in the order given, and {index: error} for
-        texts that failed even alone. A failing forward pass (out of memory on a huge batch,
-        say) is split in halves and retried before any row is given up."""
+    def embed(
+        self, ids: list[np.ndarray], max_tokens: int, max_rows: int
+    ) -> tuple[np.ndarray, dict[int, str], np.ndarray]:
+        """Ragged ids -> (len(ids), dim) float32 in the order given, {index: error} for texts
+        that failed even alone, and the width (padding included) of the forward pass each text
+        was embedded in (0 where it failed): ``lengths.sum() / widths.sum()`` is the padding
+        efficiency. A failing forward pass (out of memory on a huge batch, say) is split in
+        halves and retried before any row is given up."""
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+        widths = np.zeros(len(ids), dtype=np.int64)
         try:
-            return self._embed_window(ids, lengths, max_tokens, max_rows), {}
+            return self._embed_window(ids, lengths, max_tokens, max_rows, widths), {}, widths
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             logger.warning("a forward pass failed (%s); redoing the window batch by batch", str(e).splitlines()[0])
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = np.zeros((len(ids), self.spec.dim), dtype=np.float32)
+        widths[:] = 0
         failed: dict[int, str] = {}
         for group in token_budget_batches(lengths, max_tokens, max_rows):
-            self._embed_group(ids, lengths, group, out, failed)
-        return out, failed
+            self._embed_group(ids, lengths, group, out, failed, widths)
+        return out, failed, widths
 
     def _padded(
         self, ids: list[np.ndarray], lengths: np.ndarray, group: np.ndarray
@@ -152,7 +158,9 @@ class EncoderModel:
             mask[j, : lengths[i]] = 1
         return torch.from_numpy(padded), torch.from_numpy(mask)
 
-    def _embed_window(self, ids: list[np.ndarray], lengths: np.ndarray, max_tokens: int, max_rows: int) -> np.ndarray:
+    def _embed_window(
+        self, ids: list[np.ndarray], lengths: np.ndarray, max_tokens: int, max_rows: int, widths: np.ndarray
+    ) -> np.ndarray:
         """The fast path: every batch queued on the device, one copy back for the window."""
         out = np.empty((len(ids), self.spec.dim), dtype=np.float32)
         groups, pending = token_budget_batches(lengths, max_tokens, max_rows), []
@@ -160,19 +168,27 @@ class EncoderModel:
             if self.faults:
                 self._inject(group, lengths)
             pending.append(self.embed_padded(*self._padded(ids, lengths, group)))
+            widths[group] = lengths[group].max()
         if pending:
             # One copy back per window: the only point where the host waits for the device.
             out[np.concatenate(groups)] = torch.cat(pending).cpu().numpy()
         return out
 
     def _embed_group(
-        self, ids: list[np.ndarray], lengths: np.ndarray, group: np.ndarray, out: np.ndarray, failed: dict[int, str]
+        self,
+        ids: list[np.ndarray],
+        lengths: np.ndarray,
+        group: np.ndarray,
+        out: np.ndarray,
+        failed: dict[int, str],
+        widths: np.ndarray,
     ) -> None:
         """The careful path: one batch at a time, split in halves on failure down to single rows."""
         try:
             if self.faults:
                 self._inject(group, lengths)
             out[group] = self.embed_padded(*self._padded(ids, lengths, group)).cpu().numpy()
+            widths[group] = lengths[group].max()
         except (RuntimeError, MemoryError) as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -180,8 +196,8 @@ class EncoderModel:
                 failed[int(group[0])] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
                 return
             half = len(group) // 2
-            self._embed_group(ids, lengths, group[:half], out, failed)
-            self._embed_group(ids, lengths, group[half:], out, failed)
+            self._embed_group(ids, lengths, group[:half], out, failed, widths)
+            self._embed_group(ids, lengths, group[half:], out, failed, widths)
 
     def _inject(self, group: np.ndarray, lengths: np.ndarray) -> None:
         """Test-only faults (``fault_injection`` setting): simulated OOM and poisoned rows."""
@@ -246,10 +262,12 @@ class Encode:
         rows = np.flatnonzero(valid)
         ids = [flat[offsets[i] : offsets[i + 1]] for i in rows]
         vectors = np.zeros((batch.num_rows, self.model.spec.dim), dtype=np.float32)
+        widths = np.zeros(batch.num_rows, dtype=np.int32)
         rejects = batch[S.REJECT]
         if len(ids):
-            embedded, failed = self.model.embed(ids, self.batch_tokens, self.batch_rows)
+            embedded, failed, row_widths = self.model.embed(ids, self.batch_tokens, self.batch_rows)
             vectors[rows] = embedded
+            widths[rows] = row_widths
             if failed:
                 reasons = rejects.to_pylist()
                 for j, message in failed.items():
@@ -261,6 +279,7 @@ class Encode:
         text = pc.if_else(pc.is_null(rejects), pa.scalar(None, pa.string()), batch[S.TEXT])
         batch = batch.drop_columns([S.INPUT_IDS, S.TEXT]).append_column(S.TEXT, text)
         batch = batch.append_column(S.EMBEDDING, vectors_to_arrow(vectors, valid, self.output_dtype))
+        batch = batch.append_column(S.PASS_WIDTH, pa.array(widths, pa.int32()))
         del ids, all_ids, flat
         trim_heap()
         return batch

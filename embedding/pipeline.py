@@ -95,6 +95,10 @@ class RunReport:
     duplicate_ids: int = 0  # embedded rows whose id another row of this run has too
     duplicate_examples: list[str] = field(default_factory=list)
     tokens: int = 0
+    # Tokens the forward passes ran over, padding included; tokens / padded_tokens is the
+    # padding efficiency (1.0: no padding).
+    padded_tokens: int = 0
+    padding_efficiency: float | None = None
     wall_seconds: float = 0.0
     rows_per_second: float = 0.0
     tokens_per_second: float = 0.0
@@ -381,6 +385,8 @@ def run(config: JobConfig) -> RunReport:
         if report.wall_seconds:
             report.rows_per_second = round(report.rows_in / report.wall_seconds, 1)
             report.tokens_per_second = round(report.tokens / report.wall_seconds, 1)
+        if report.padded_tokens:
+            report.padding_efficiency = round(report.tokens / report.padded_tokens, 4)
         try:
             storage.write_bytes_atomic(storage.join(config.output, RUNS, f"{run_id}.json"), report.to_json().encode())
         finally:
@@ -589,6 +595,7 @@ def _embed(
         for row in meta.to_pylist():
             tracker.observe(row)
             report.storage_errors_retried += row["storage_errors"]
+            report.padded_tokens += row["padded_tokens"]
             key = row["shard"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             counts = passages.setdefault(key, [0, 0])

@@ -37,6 +37,7 @@ REJECT = "__reject"  # null for good rows; "<code>: <message>" for rejected ones
 MARKER = "__marker"  # true for the one placeholder row an empty shard emits
 INPUT_IDS = "__input_ids"
 NUM_TOKENS = "__num_tokens"
+PASS_WIDTH = "__pass_width"  # tokens per row, padding included, of the forward pass the row ran in
 TRUNCATED = "__truncated"  # the text was cut at the model's token limit
 STORAGE_ERRORS = "__storage_errors"  # transient storage errors the reader retried (on one row)
 PASSAGES = "__passages"  # chunked runs: number of passages of the row's document

@@ -95,7 +95,7 @@ class TextEncoder:
     def __call__(self, texts: list[str], batch_tokens: int = 8192) -> np.ndarray:
         """(len(texts), dim) float32, truncated at the token limit as in the job."""
         ids = self.tokenizer.encode(list(texts))
-        vectors, failed = self.model.embed(ids, max(batch_tokens, self.spec.max_length), 256)
+        vectors, failed, _ = self.model.embed(ids, max(batch_tokens, self.spec.max_length), 256)
         if failed:
             raise RuntimeError(f"{len(failed)} text(s) could not be encoded, e.g. {next(iter(failed.values()))}")
         return vectors

@@ -92,7 +92,8 @@ class WriteParts:
     """Stage: stage a batch's rows as parts; return one small metadata row per shard.
 
     The returned rows (``shard``, ``rows``, ``rejected``, ``total``, ``tokens``, ``passages``,
-    ``passages_expected``) are all the driver needs to decide when a shard can be committed.
+    ``passages_expected``) are all the driver needs to decide when a shard can be committed;
+    ``padded_tokens`` (the forward passes' widths summed over the rows) is for the run report.
     ``rows`` counts input rows (documents) staged; ``passages`` counts output rows staged and
     ``passages_expected`` the passages of the documents staged here (equal without chunking).
     """
@@ -110,6 +111,7 @@ class WriteParts:
             "rejected": [],
             "total": [],
             "tokens": [],
+            "padded_tokens": [],
             "passages": [],
             "passages_expected": [],
             "storage_errors": [],
@@ -139,6 +141,10 @@ class WriteParts:
             meta["tokens"].append(
                 int(pc.sum(part[S.NUM_TOKENS]).as_py() or 0) if S.NUM_TOKENS in part.column_names else 0
             )
+            # Over the rows that went through a forward pass (good ones, not rejected ones).
+            meta["padded_tokens"].append(
+                int(pc.sum(part[S.PASS_WIDTH]).as_py() or 0) if S.PASS_WIDTH in part.column_names else 0
+            )
             # Errors the reader of this shard retried ride on its rows; add this stage's own.
             errors = part[S.STORAGE_ERRORS] if S.STORAGE_ERRORS in part.column_names else pa.array([0])
             meta["storage_errors"].append(int(pc.sum(errors).as_py() or 0))
@@ -153,6 +159,7 @@ class WriteParts:
                     ("rejected", pa.int64()),
                     ("total", pa.int64()),
                     ("tokens", pa.int64()),
+                    ("padded_tokens", pa.int64()),
                     ("passages", pa.int64()),
                     ("passages_expected", pa.int64()),
                     ("storage_errors", pa.int64()),

@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" as {report.passages_embedded} passages" if config.chunk else "")
         + f", {report.rows_rejected} rejected, "
         f"{report.tokens} tokens in {report.wall_seconds:.1f} s "
-        f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s)"
-        f"{hardware}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
+        f"({report.rows_per_second:.0f} rows/s, {report.tokens_per_second:.0f} tokens/s"
+        + (f", padding efficiency {report.padding_efficiency:.3f}" if report.padding_efficiency else "")
+        + f"){hardware}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
     )
     return Exit.OK
 

@@ -77,6 +77,30 @@ def test_pooling_follows_model_config(tiny_model: Path, tmp_path: Path, pooling:
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
 
 
+def test_pass_widths_count_the_padding_of_the_forward_passes(tiny_model: Path) -> None:
+    from embedding.batching import padding_efficiency, token_budget_batches
+    from embedding.encode import EncoderModel
+    from embedding.tokenize import load_tokenizer
+
+    spec = resolve_model(str(tiny_model))
+    ids = load_tokenizer(spec.tokenizer).encode(CORPUS)
+    lengths = np.array([len(a) for a in ids])
+    _, failed, widths = EncoderModel(spec, "cpu", "float32").embed(ids, 256, 4)
+    assert not failed and (widths >= lengths).all()
+    batches = token_budget_batches(lengths, 256, 4)
+    for group in batches:
+        assert (widths[group] == lengths[group].max()).all()
+    assert lengths.sum() / widths.sum() == pytest.approx(padding_efficiency(lengths, batches))
+    assert lengths.sum() / widths.sum() < 1  # the corpus has texts of many lengths
+
+    # The stage hands each row's width on, 0 where a row was never encoded.
+    batch = _batch(["x", *CORPUS[:3]])
+    batch = batch.set_column(0, S.REJECT, pa.array(["empty_text: x", None, None, None], pa.string()))
+    out = Encode(spec, device="cpu", dtype="float32", threads=1)(Tokenize(spec.tokenizer)(batch))
+    got = out[S.PASS_WIDTH].to_pylist()
+    assert got[0] == 0 and all(w >= n > 0 for w, n in zip(got[1:], out[S.NUM_TOKENS].to_pylist()[1:], strict=True))
+
+
 def test_float16_output_and_rejected_rows(tiny_model: Path) -> None:
     spec = resolve_model(str(tiny_model))
     batch = _batch(["今日は晴れ", "x", "寿司"])

@@ -119,6 +119,9 @@ def test_cli_round_trip_local(tiny_model: Path, tmp_path: Path) -> None:
     check_output(table, expected, tiny_model, "float32")
     report = json.loads((out / "_runs" / "r1.json").read_text())
     assert report["rows_embedded"] == len(expected) and report["shards_embedded"] == 5 and report["tokens"] > 0
+    assert report["padded_tokens"] >= report["tokens"]
+    assert report["padding_efficiency"] == round(report["tokens"] / report["padded_tokens"], 4)
+    assert f"padding efficiency {report['padding_efficiency']:.3f}" in proc.stdout
 
 
 def test_round_trip_s3_with_model_on_s3(tiny_model: Path, bucket: str, ray_local) -> None:
@@ -147,6 +150,8 @@ def test_round_trip_s3_with_model_on_s3(tiny_model: Path, bucket: str, ray_local
     report = pipeline.run(config)
     expected = sample_rows()
     assert report.rows_embedded == len(expected) and report.rows_rejected == 0 and report.shards_embedded == 5
+    # Windows of 64 rows: some padding, counted over the forward passes.
+    assert report.tokens <= report.padded_tokens and 0 < report.padding_efficiency <= 1
 
     fs, root = storage.filesystem(f"{bucket}/embeddings")
     files = sorted(fs.find(root))
