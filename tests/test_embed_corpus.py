@@ -46,6 +46,7 @@ def report(**kw) -> SimpleNamespace:
         wall_seconds=1.0,
         rows_per_second=3.0,
         tokens_per_second=30.0,
+        padding_efficiency=0.9,
         device="cpu",
         dtype="float32",
         gpu_hours=0.5,
