@@ -224,7 +224,11 @@ def _cpu_encoders(config: JobConfig, nodes: list[dict]) -> tuple[float, int, int
     return per, max_actors, threads
 
 
+_started_ray = False  # whether _init_ray started the Ray this process is connected to
+
+
 def _init_ray(config: JobConfig) -> None:
+    global _started_ray
     import ray
 
     if ray.is_initialized():
@@ -243,6 +247,21 @@ def _init_ray(config: JobConfig) -> None:
         workers = int(cpus / min(READ_CPUS, COMMIT_CPUS)) + 4
         local = {"include_dashboard": False, "_system_config": {"num_workers_soft_limit": workers}}
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
+    _started_ray = not address
+
+
+def stop_own_ray() -> bool:
+    """Stop the local Ray a run of this process started, now rather than in Ray's exit hook
+    (which first waits 0.5 s for late log lines). A Ray the caller started, or a cluster a run
+    joined, is left alone. True if there was one to stop."""
+    global _started_ray
+    import ray
+
+    if not (_started_ray and ray.is_initialized()):
+        return False
+    ray.shutdown()
+    _started_ray = False
+    return True
 
 
 def cpu_flags_fast_bf16() -> bool | None:

@@ -245,17 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f", padding efficiency {report.padding_efficiency:.3f}" if report.padding_efficiency else "")
         + f"){hardware}, {report.gpu_hours:.3f} GPU-hours{_cost(report)} -> {report.output}"
     )
-    _leave_ray()
+    # The work and its summary are done. (A failed run keeps Ray's wait for late log lines:
+    # its actors' last lines may say why.)
+    pipeline.stop_own_ray()
     return Exit.OK
-
-
-def _leave_ray() -> None:
-    """Stop the Ray this run started (or leave the cluster it joined) now that the work and its
-    summary are done, rather than in Ray's exit hook, which first waits 0.5 s for late log lines.
-    A failed run keeps that wait: its actors' last lines may say why."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
 
 
 def _is_ray_error(e: BaseException) -> bool:

@@ -152,6 +152,8 @@ def test_round_trip_s3_with_model_on_s3(tiny_model: Path, bucket: str, ray_local
     assert report.rows_embedded == len(expected) and report.rows_rejected == 0 and report.shards_embedded == 5
     # Windows of 64 rows: some padding, counted over the forward passes.
     assert report.tokens <= report.padded_tokens and 0 < report.padding_efficiency <= 1
+    # The CLI stops the Ray a run started, never one its caller started (the tests' own).
+    assert not pipeline.stop_own_ray() and ray_local.is_initialized()
 
     fs, root = storage.filesystem(f"{bucket}/embeddings")
     files = sorted(fs.find(root))
