@@ -1,0 +1,40 @@
+"""`python -m jobs.benchmark` end to end on a tiny model and corpus: it runs, and its table adds up.
+
+Only that the deliverable works (a crash here once cost a 15-minute run its table); the speed
+claims come from running it for real, never from a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_benchmark_runs_the_job_and_a_peer_and_reports_what_they_did(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "jobs.benchmark", "--size", "tiny", "--docs", "300", "--shards", "2"]
+    cmd += ["--runners", "job,st-fp32", "--fidelity-sample", "50", "--workdir", str(tmp_path), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["runner"]: r for r in result["rows"]}
+    assert set(rows) == {"job", "st-fp32"}
+    job, peer = rows["job"], rows["st-fp32"]
+    assert result["corpus"]["texts"] == 300 and result["corpus"]["tokens"] > 300
+    # From the unrounded walls; the JSON's walls are rounded to 10 ms.
+    assert job["x_st-fp32"] == pytest.approx(peer["wall_s"] / job["wall_s"], abs=2e-3)
+    # The job's own count over its forward passes, as its run report gives it.
+    report = json.loads((tmp_path / "out-0" / "_runs" / "bench-0.json").read_text())
+    assert 0 < job["padding_efficiency"] == report["padding_efficiency"] <= 1
+    assert report["rows_embedded"] == 300
+    assert job["peak_memory_mib"] > 0 and peer["peak_memory_mib"] > 0
+    assert result["fidelity"]["sample"] == 50 and result["fidelity"]["cosine_min"] >= 0.999
+    assert "| job |" in proc.stdout and "| st-fp32 |" in proc.stdout
