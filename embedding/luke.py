@@ -77,12 +77,13 @@ class _Mask:
     whole score matrix; any other mask is added whole."""
 
     def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype, *, sdpa: bool) -> None:
-        self.keep = attention_mask.bool()[:, None, None, :]  # what SDPA takes
         self.min = torch.finfo(dtype).min
         self.rows: list[tuple[int, int]] | None = None
         self.bias: torch.Tensor | None = None
-        if sdpa:
-            return  # (the padded rows would have to come back from the device)
+        self.keep: torch.Tensor | None = None
+        if sdpa:  # SDPA takes the boolean mask (the padded rows would have to come back from the device)
+            self.keep = attention_mask.bool()[:, None, None, :]
+            return
         t = attention_mask.shape[1]
         lengths = attention_mask.sum(dim=1)
         if torch.equal(attention_mask.bool(), torch.arange(t, device=attention_mask.device) < lengths[:, None]):
@@ -112,7 +113,7 @@ class _Layer(nn.Module):
         self.query_scaled = False
 
     @torch.no_grad()
-    def fold_query_scale(self) -> bool:
+    def fold_query_scale(self) -> None:
         """Scale the query weights by attention's ``1/sqrt(head_size)`` once, where that is a
         power of two (head size 64: 1/8), instead of scaling every score matrix.
 
@@ -120,12 +121,11 @@ class _Layer(nn.Module):
         ones the division gives. Other head sizes keep the division."""
         scale = 1 / math.sqrt(self.head_size)
         if self.query_scaled or math.frexp(scale)[0] != 0.5:
-            return False
+            return
         h = self.out.in_features
         self.qkv.weight[:h].mul_(scale)
         self.qkv.bias[:h].mul_(scale)
         self.query_scaled = True
-        return True
 
     def forward(self, x: torch.Tensor, mask: _Mask, sdpa: bool) -> torch.Tensor:
         b, t, h = x.shape

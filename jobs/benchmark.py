@@ -349,6 +349,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     from embedding.model import resolve_model
     from embedding.tokenize import load_tokenizer
+    from embedding.write import RUNS
     from jobs.make_tiny_model import build_tiny_model
 
     work = Path(args.workdir)
@@ -388,7 +389,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     import shutil
 
                     shutil.rmtree(job_out)
-                run_report = job_out / "_runs" / f"bench-{rep}.json"
+                run_report = job_out / RUNS / f"bench-{rep}.json"
                 cmd = _job_cmd(args, model, corpus, job_out, f"bench-{rep}")
             else:
                 cmd = _peer_cmd(args, model, corpus, "bfloat16" if name == "st-bf16" else "float32")
@@ -437,7 +438,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if peer in results and peer != name:
                 row[f"x_{peer}"] = round(results[peer].wall / r.wall, 3)
         if name == "job":
-            # As the job counted it over its forward passes (its run report).
+            # As the job counted it over its forward passes (the last repeat's run report; the
+            # windows, and so the padding, are the same in every repeat up to block boundaries).
             row["padding_efficiency"] = json.loads(run_report.read_text()).get("padding_efficiency")
             row["compute_dtype"] = compute_dtype
         rows.append(row)
