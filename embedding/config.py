@@ -18,6 +18,7 @@ DEFAULT_MODEL = "pkshatech/GLuCoSE-base-ja"
 FORMATS = ("auto", "jsonl", "parquet", "csv", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_DTYPES = ("float32", "float16")
+ATTENTIONS = ("auto", "padded", "varlen")
 ID_TYPES = ("auto", "string", "int64")
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS = ("auto", "bars", "log", "none")
@@ -60,6 +61,9 @@ class JobConfig:
     keep_columns: tuple[str, ...] = ()
     dtype: str = "auto"
     output_dtype: str = "float32"
+    # GPU encoders: "auto" runs variable-length attention over packed tokens where it is
+    # available and checks out on the device (bf16/fp16 LUKE), padded attention otherwise.
+    attention: str = "auto"
     max_length: int | None = None
     # Passages: split each text into windows of at most `chunk_tokens` tokens (specials
     # included; None = max_length) sharing `chunk_overlap` tokens, one output row each.
@@ -136,6 +140,7 @@ class JobConfig:
         _allowed("format", self.format, FORMATS)
         _allowed("dtype", self.dtype, DTYPES)
         _allowed("output_dtype", self.output_dtype, OUTPUT_DTYPES)
+        _allowed("attention", self.attention, ATTENTIONS)
         _allowed("id_type", self.id_type, ID_TYPES)
         _allowed("device", self.device, DEVICES)
         _allowed("log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))

@@ -9,6 +9,7 @@ passes under a token budget (padding included), runs the model in eval mode unde
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 
@@ -20,7 +21,8 @@ import torch
 from embedding import pooling
 from embedding import schema as S
 from embedding.batching import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, token_budget_batches
-from embedding.luke import load_word_encoder
+from embedding.config import ATTENTIONS
+from embedding.luke import Packing, WordEncoder, load_word_encoder, varlen_attention
 from embedding.model import ModelSpec, materialize
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,9 @@ def probe_hardware(device: str, dtype: str) -> dict[str, str]:
 class EncoderModel:
     """A sentence encoder: transformer + pooling (+ Normalize), on one device."""
 
-    def __init__(self, spec: ModelSpec, device: str, dtype: str, *, remap_luke: bool = True) -> None:
+    def __init__(
+        self, spec: ModelSpec, device: str, dtype: str, *, remap_luke: bool = True, attention: str = "auto"
+    ) -> None:
         path = materialize(spec)
         self.model = None
         if remap_luke and spec.model_type == "luke":
@@ -109,6 +113,35 @@ class EncoderModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.pad_id = spec.tokenizer.pad_id
+        self.attention = self._choose_attention(attention)
+
+    def _choose_attention(self, requested: str) -> str:
+        """``"varlen"`` where variable-length attention runs here and checks out on this device
+        (:func:`check_varlen`, now); ``"padded"`` otherwise. ``auto`` falls back with a warning
+        on a GPU; ``varlen`` raises instead."""
+        if requested not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}; got {requested!r}")
+        if requested == "padded":
+            return "padded"
+        attend = varlen_attention()
+        if not isinstance(self.model, WordEncoder):
+            why = f"{self.architecture} has padded attention only"
+        elif attend is None:
+            why = f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        elif self.device.type != "cuda":
+            why = "variable-length (flash) attention runs on CUDA GPUs only"
+        elif self.dtype not in ("bfloat16", "float16"):
+            why = f"flash attention takes bfloat16 or float16, not {self.dtype}"
+        else:
+            why = check_varlen(self.model, attend, self.device)
+        if why is None:
+            self.model.varlen = attend
+            return "varlen"
+        if requested == "varlen":
+            raise RuntimeError(f"attention 'varlen' is not available: {why}")
+        if self.device.type == "cuda":
+            logger.warning("padded attention: %s", why)
+        return "padded"
 
     @torch.inference_mode()
     def embed_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +150,8 @@ class EncoderModel:
         Nothing here waits for the device, so the host pads the next batch while it computes.
         """
         mask_d = mask.to(self.device, non_blocking=True)
-        out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=mask_d)
+        packed = {"packing": Packing.of(mask).to(self.device)} if self.attention == "varlen" else {}
+        out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=mask_d, **packed)
         hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
         vectors = pooling.pool(self.spec.pooling, hidden, mask_d)
         if self.spec.normalize:
@@ -129,9 +163,10 @@ class EncoderModel:
     ) -> tuple[np.ndarray, dict[int, str], np.ndarray]:
         """Ragged ids -> (len(ids), dim) float32 in the order given, {index: error} for texts
         that failed even alone, and the width (padding included) of the forward pass each text
-        was embedded in (0 where it failed): ``lengths.sum() / widths.sum()`` is the padding
-        efficiency. A failing forward pass (out of memory on a huge batch, say) is split in
-        halves and retried before any row is given up."""
+        was embedded in (0 where it failed; its own length with variable-length attention):
+        ``lengths.sum() / widths.sum()`` is the padding efficiency. A failing forward pass (out
+        of memory on a huge batch, say) is split in halves and retried before any row is given
+        up."""
         lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         widths = np.zeros(len(ids), dtype=np.int64)
         try:
@@ -158,6 +193,11 @@ class EncoderModel:
             mask[j, : lengths[i]] = 1
         return torch.from_numpy(padded), torch.from_numpy(mask)
 
+    def _width(self, lengths: np.ndarray, group: np.ndarray) -> np.ndarray | int:
+        """Tokens each text of ``group`` was computed with: the pass's width where attention is
+        padded, its own length where it is variable-length (no padding computed)."""
+        return lengths[group] if self.attention == "varlen" else int(lengths[group].max())
+
     def _embed_window(
         self, ids: list[np.ndarray], lengths: np.ndarray, max_tokens: int, max_rows: int, widths: np.ndarray
     ) -> np.ndarray:
@@ -168,7 +208,7 @@ class EncoderModel:
             if self.faults:
                 self._inject(group, lengths)
             pending.append(self.embed_padded(*self._padded(ids, lengths, group)))
-            widths[group] = lengths[group].max()
+            widths[group] = self._width(lengths, group)
         if pending:
             # One copy back per window: the only point where the host waits for the device.
             out[np.concatenate(groups)] = torch.cat(pending).cpu().numpy()
@@ -188,7 +228,7 @@ class EncoderModel:
             if self.faults:
                 self._inject(group, lengths)
             out[group] = self.embed_padded(*self._padded(ids, lengths, group)).cpu().numpy()
-            widths[group] = lengths[group].max()
+            widths[group] = self._width(lengths, group)
         except (RuntimeError, MemoryError) as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -205,6 +245,39 @@ class EncoderModel:
             raise RuntimeError("CUDA out of memory (injected)")
         if self.faults.get("poison_length") in lengths[group].tolist():
             raise RuntimeError("poisoned row (injected)")
+
+
+@torch.inference_mode()
+def check_varlen(model: WordEncoder, attend, device: torch.device, min_cosine: float = 0.999) -> str | None:
+    """None where ``attend`` (variable-length attention) computes on ``device``, in the model's
+    dtype, head shape and scale, each packed text's own attention: every (token, head) output
+    within ``min_cosine`` of float32 attention done text by text, all finite. Otherwise why not
+    (the error it raised, or how far apart). Four texts of 3 to 130 tokens, random q, k, v."""
+    layer = model.layers[0]
+    dtype = layer.qkv.weight.dtype
+    lengths = [3, 17, 64, 130]
+    starts = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, int(starts[-1]), layer.heads, layer.head_size, generator=g)
+    if layer.query_scaled:  # the model's queries come scaled and it passes scale 1
+        qkv[0] /= layer.head_size**0.5
+    q, k, v = qkv.to(dtype).float().unbind(0)  # the inputs as the kernel sees them
+    scale = 1.0 if layer.query_scaled else 1 / layer.head_size**0.5
+    want = torch.empty_like(q)
+    for a, b in itertools.pairwise(starts.tolist()):
+        weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale, dim=-1)
+        want[a:b] = torch.einsum("hqk,khd->qhd", weights, v[a:b])
+    try:
+        on = [x.to(device, dtype) for x in (q, k, v)]
+        s = starts.to(device)
+        got = attend(*on, s, s, max(lengths), max(lengths), scale=1.0 if layer.query_scaled else None)
+        got = got.float().cpu()
+    except Exception as e:  # any failure means: not here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    if not torch.isfinite(got).all():
+        return "it gave non-finite values"
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+    return None if cos >= min_cosine else f"its outputs differ from each text's own attention (cosine {cos:.4f})"
 
 
 def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, output_dtype: str) -> pa.FixedSizeListArray:
@@ -228,6 +301,7 @@ class Encode:
         batch_tokens: int | None = None,
         batch_rows: int | None = None,
         output_dtype: str = "float32",
+        attention: str = "auto",
         fault_injection: dict | None = None,
     ) -> None:
         faults = dict(fault_injection or {})
@@ -241,13 +315,18 @@ class Encode:
             # Ray sets OMP_NUM_THREADS=1 in workers; size the pool to the actor's CPUs instead.
             torch.set_num_threads(threads or max(1, int(os.environ.get("EMBEDDING_THREADS", "1"))))
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = EncoderModel(spec, self.device, self.dtype)
+        self.model = EncoderModel(spec, self.device, self.dtype, attention=attention)
         self.model.faults = {k: v for k, v in faults.items() if k in ("oom_over_rows", "poison_length")}
         self.batch_tokens = max(batch_tokens or DEFAULT_BATCH_TOKENS[self.device], spec.max_length)
         self.batch_rows = batch_rows or DEFAULT_BATCH_ROWS[self.device]
         self.output_dtype = output_dtype
         logger.info(
-            "encoder ready: %s on %s in %s, %d threads", spec.source, self.device, self.dtype, torch.get_num_threads()
+            "encoder ready: %s on %s in %s, %s attention, %d threads",
+            spec.source,
+            self.device,
+            self.dtype,
+            self.model.attention,
+            torch.get_num_threads(),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

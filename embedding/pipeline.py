@@ -452,6 +452,8 @@ def _embed(
     use_gpu = gpus > 0
     hw = _probe(config, use_gpu)
     report.device, report.dtype = hw["device"], hw["dtype"]
+    if config.attention == "varlen" and hw["device"] != "cuda":
+        raise ConfigError("`attention` 'varlen' (flash attention over packed tokens) needs GPU encoders")
     identity = {**identity, "compute_dtype": hw["dtype"]}
     if recorded is not None and not config.overwrite:
         ledger.check_job(config.output, identity, recorded, fields=("compute_dtype",))
@@ -525,6 +527,7 @@ def _embed(
             "batch_tokens": config.batch_tokens,
             "batch_rows": config.batch_rows,
             "output_dtype": config.output_dtype,
+            "attention": config.attention,
             "fault_injection": config.fault_injection,
         },
     )

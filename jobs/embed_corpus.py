@@ -27,7 +27,16 @@ import enum
 import logging
 import sys
 
-from embedding.config import DEFAULT_MODEL, DTYPES, FORMATS, ID_TYPES, OUTPUT_DTYPES, PROGRESS, JobConfig
+from embedding.config import (
+    ATTENTIONS,
+    DEFAULT_MODEL,
+    DTYPES,
+    FORMATS,
+    ID_TYPES,
+    OUTPUT_DTYPES,
+    PROGRESS,
+    JobConfig,
+)
 from embedding.logs import configure_logging, redact_text
 
 
@@ -115,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         help="compute dtype; auto picks bfloat16 on CUDA GPUs with bf16 and on CPUs with AMX/AVX512-BF16, else float32 [default: auto]",
+    )
+    m.add_argument(
+        "--attention",
+        choices=ATTENTIONS,
+        help="GPU encoders: varlen packs each pass's real tokens and runs flash attention over each text's own "
+        "(no padding computed); auto uses it where torch has it and it checks out on the GPU at start-up, "
+        "else padded [default: auto]",
     )
     m.add_argument(
         "--max-length", type=int, help="token limit, specials included [default: the model's, 512 for GLuCoSE]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedding.encode import EncoderModel
-from embedding.luke import check_config, load_word_encoder
+from embedding.encode import EncoderModel, check_varlen
+from embedding.luke import Packing, check_config, load_word_encoder
 from embedding.model import resolve_model
 from embedding.tokenize import load_tokenizer
 from tests.reference import reference_embeddings
@@ -56,11 +57,33 @@ def _batch(kind: str, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (ids.flip(1), mask.flip(1)) if kind == "left-padded" else (ids, mask)
 
 
+def varlen_on_cpu(q, k, v, starts_q, starts_k, longest_q, longest_k, *, scale=None):
+    """``torch.nn.attention.varlen.varlen_attn`` (CUDA only) on CPU, text by text: each packed
+    text attends to its own tokens only. It stands in for the flash kernel so that the packing
+    around it (:class:`Packing`, ``WordEncoder._forward_packed``) is tested here; the kernel
+    itself is checked on the GPU at start-up (``check_varlen``)."""
+    assert torch.equal(starts_q, starts_k) and longest_q == longest_k
+    bounds = starts_q.tolist()
+    assert max(b - a for a, b in itertools.pairwise(bounds)) == longest_q
+    out = torch.empty_like(q)
+    for a, b in itertools.pairwise(bounds):
+        one = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # (heads, tokens, head size)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(*one, scale=scale).transpose(0, 1)
+    return out
+
+
+ATTENTION = {
+    "explicit-attention": {"sdpa": False},
+    "sdpa-as-on-gpu": {"sdpa": True},
+    "varlen": {"varlen": varlen_on_cpu},
+}
+
+
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit-attention", "sdpa-as-on-gpu"])
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
 @pytest.mark.parametrize("fixture", ["tiny_model", "wide_model", "odd_head_model"])
 def test_word_encoder_matches_luke_in_fp32_within_1e5(
-    fixture: str, sdpa: bool, batch: str, request: pytest.FixtureRequest
+    fixture: str, attention: str, batch: str, request: pytest.FixtureRequest
 ) -> None:
     from transformers import LukeModel
 
@@ -69,13 +92,61 @@ def test_word_encoder_matches_luke_in_fp32_within_1e5(
     word, why_not = load_word_encoder(path, torch.float32)
     assert word is not None, why_not
     assert all(layer.query_scaled for layer in word.layers) == (fixture != "odd_head_model")
-    word.sdpa = sdpa
+    for name, value in ATTENTION[attention].items():
+        setattr(word, name, value)
     ids, mask = _batch(batch, luke.config.vocab_size)
     with torch.inference_mode():
         want = luke(input_ids=ids, attention_mask=mask).last_hidden_state
         got = word(input_ids=ids, attention_mask=mask)
     real = mask.bool()
     assert (got[real] - want[real]).abs().max().item() <= 1e-5
+    if attention == "varlen":
+        assert not got[~real].any()  # padding is never computed: zeros
+
+
+def test_packing_lists_each_texts_tokens_in_order_for_right_and_left_padding() -> None:
+    right = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    for mask in (right, right[:, ::-1]):
+        p = Packing.of(torch.from_numpy(mask.copy()))
+        assert p.flat.tolist() == np.flatnonzero(mask).tolist()
+        assert p.starts.tolist() == [0, 3, 4, 8] and p.starts.dtype == torch.int32
+        assert p.longest == 4
+        same = Packing.of(mask)  # the host's numpy mask, as the encoder builds it
+        assert torch.equal(same.flat, p.flat) and torch.equal(same.starts, p.starts)
+
+
+def test_varlen_is_checked_on_its_device_before_it_is_used(wide_model: Path) -> None:
+    """check_varlen accepts an attention that gives each text's own attention, in the model's
+    dtype, and names what is wrong with one that does not: one that raises, one that attends
+    across texts, one that gives NaN."""
+    for dtype in (torch.float32, torch.bfloat16):
+        word, _ = load_word_encoder(wide_model, dtype)
+        assert check_varlen(word, varlen_on_cpu, torch.device("cpu")) is None
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    def across_texts(q, k, v, starts_q, starts_k, longest_q, longest_k, *, scale=None):
+        whole = torch.tensor([0, len(q)], dtype=torch.int32)  # every token attends to every text
+        return varlen_on_cpu(q, k, v, whole, whole, len(q), len(q), scale=scale)
+
+    def nan(*args, **kwargs):
+        return varlen_on_cpu(*args, **kwargs) * float("nan")
+
+    assert check_varlen(word, raises, torch.device("cpu")) == (
+        "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+    )
+    assert "differ from each text's own attention" in check_varlen(word, across_texts, torch.device("cpu"))
+    assert "non-finite" in check_varlen(word, nan, torch.device("cpu"))
+
+
+def test_varlen_attention_is_refused_where_it_cannot_run(tiny_model: Path) -> None:
+    spec = resolve_model(str(tiny_model))
+    assert EncoderModel(spec, "cpu", "bfloat16").attention == "padded"  # auto, on CPU
+    with pytest.raises(RuntimeError, match="CUDA"):
+        EncoderModel(spec, "cpu", "bfloat16", attention="varlen")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        EncoderModel(spec, "cpu", "bfloat16", attention="flash")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -131,6 +202,19 @@ def test_encoder_runs_the_remap_and_stays_within_1e4_of_reference(tiny_model: Pa
     got, failed, _ = enc.embed(load_tokenizer(spec.tokenizer).encode(CORPUS), max_tokens=1024, max_rows=4)
     assert not failed
     assert np.abs(got - reference_embeddings(tiny_model, CORPUS)).max() < 1e-4
+
+
+def test_encoder_with_varlen_attention_stays_within_1e4_of_reference(tiny_model: Path) -> None:
+    """The encoder's packed path as a GPU runs it (the mask packed on the host, handed to the
+    model), with the flash kernel's CPU stand-in."""
+    spec = resolve_model(str(tiny_model))
+    enc = EncoderModel(spec, "cpu", "float32")
+    enc.attention, enc.model.varlen = "varlen", varlen_on_cpu
+    ids = load_tokenizer(spec.tokenizer).encode(CORPUS)
+    got, failed, widths = enc.embed(ids, max_tokens=1024, max_rows=4)
+    assert not failed
+    assert np.abs(got - reference_embeddings(tiny_model, CORPUS)).max() < 1e-4
+    assert widths.tolist() == [len(a) for a in ids]  # no padding computed: padding efficiency 1
 
 
 def test_unproven_luke_falls_back_to_lukemodel(tiny_model: Path, tmp_path: Path) -> None:

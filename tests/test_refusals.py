@@ -61,6 +61,15 @@ def test_invalid_setting_names_field_value_and_allowed(tmp_path: Path) -> None:
     _assert_refused(proc, "`batch_rows` must be a whole number ≥ 1; got 0")
 
 
+def test_varlen_attention_without_a_gpu_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": "a", "text": "本文"}\n')
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_model)]
+    proc = _run([*args, "--device", "cpu", "--attention", "varlen"])
+    _assert_refused(proc, "`attention` 'varlen' (flash attention over packed tokens) needs GPU encoders")
+    assert not (tmp_path / "out" / "a.parquet").exists()
+
+
 def test_no_credentials_names_the_bucket(bucket: str, tiny_model: Path) -> None:
     storage.write_bytes_atomic(f"{bucket}/in/a.jsonl", b'{"id": "a", "text": "x"}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION"))}
