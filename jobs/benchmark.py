@@ -52,7 +52,10 @@ SIZES = {
     "small": (384, 4, 6, 1536),
     "base": (768, 12, 12, 3072),
 }
-RUNNERS = ("job", "st-fp32", "st-bf16")
+RUNNERS = ("job", "job-padded", "st-fp32", "st-bf16")
+# job-padded: the job with --attention padded, the other side of an A/B of variable-length
+# attention on a GPU (on CPU the two are the same job). Run it by naming it in --runners.
+DEFAULT_RUNNERS = ("job", "st-fp32", "st-bf16")
 
 
 # --------------------------------------------------------------------------
@@ -379,18 +382,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     runners = [r for r in RUNNERS if r in args.runners]
     results = {r: RunnerResult(r) for r in runners}
-    job_out = run_report = None
+    outs: dict[str, Path] = {}  # job runner -> its last output
+    run_reports: dict[str, Path] = {}
     for rep in range(args.repeats):
         order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
         for name in order:
-            if name == "job":
-                job_out = work / f"out-{rep}"
-                if job_out.exists():
+            if name.startswith("job"):
+                run_id = f"bench-{rep}" if name == "job" else f"bench-{name[4:]}-{rep}"
+                outs[name] = work / f"out-{run_id[6:]}"
+                if outs[name].exists():
                     import shutil
 
-                    shutil.rmtree(job_out)
-                run_report = job_out / RUNS / f"bench-{rep}.json"
-                cmd = _job_cmd(args, model, corpus, job_out, f"bench-{rep}")
+                    shutil.rmtree(outs[name])
+                run_reports[name] = outs[name] / RUNS / f"{run_id}.json"
+                cmd = _job_cmd(args, model, corpus, outs[name], run_id)
+                if name == "job-padded":
+                    cmd += ["--attention", "padded"]
             else:
                 cmd = _peer_cmd(args, model, corpus, "bfloat16" if name == "st-bf16" else "float32")
             logger.info("repeat %d: %s", rep + 1, name)
@@ -408,6 +415,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     ceiling = max(ceiling, matmul_rate(device))
     fidelity = None
     compute_dtype = None
+    job_out = outs.get("job") or outs.get("job-padded")
     if job_out is not None:
         ids, vecs, meta = _job_vectors(job_out)
         if len(ids) != len(texts):
@@ -437,10 +445,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for peer in ("st-fp32", "st-bf16"):
             if peer in results and peer != name:
                 row[f"x_{peer}"] = round(results[peer].wall / r.wall, 3)
-        if name == "job":
+        if name in run_reports:
             # As the job counted it over its forward passes (the last repeat's run report; the
             # windows, and so the padding, are the same in every repeat up to block boundaries).
-            row["padding_efficiency"] = json.loads(run_report.read_text()).get("padding_efficiency")
+            row["padding_efficiency"] = json.loads(run_reports[name].read_text()).get("padding_efficiency")
             row["compute_dtype"] = compute_dtype
         rows.append(row)
 
@@ -538,7 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="use these JSONL shards (id, text) instead of generating them")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="alternating repeats; the table shows medians")
-    p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
+    p.add_argument(
+        "--runners",
+        default=",".join(DEFAULT_RUNNERS),
+        help=f"comma-separated subset of {','.join(RUNNERS)} [default: {','.join(DEFAULT_RUNNERS)}]",
+    )
     p.add_argument("--peer-batch-size", type=int, default=32, help="sentence-transformers batch size [default: 32]")
     p.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeatable)")
     p.add_argument(

@@ -21,12 +21,13 @@ def test_benchmark_runs_the_job_and_a_peer_and_reports_what_they_did(tmp_path: P
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "jobs.benchmark", "--size", "tiny", "--docs", "300", "--shards", "2"]
-    cmd += ["--runners", "job,st-fp32", "--fidelity-sample", "50", "--workdir", str(tmp_path), "--json", str(out)]
+    cmd += ["--runners", "job,job-padded,st-fp32", "--fidelity-sample", "50"]
+    cmd += ["--workdir", str(tmp_path), "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["runner"]: r for r in result["rows"]}
-    assert set(rows) == {"job", "st-fp32"}
+    assert set(rows) == {"job", "job-padded", "st-fp32"}
     job, peer = rows["job"], rows["st-fp32"]
     assert result["corpus"]["texts"] == 300 and result["corpus"]["tokens"] > 300
     # From the unrounded walls; the JSON's walls are rounded to 10 ms.
@@ -35,6 +36,10 @@ def test_benchmark_runs_the_job_and_a_peer_and_reports_what_they_did(tmp_path: P
     report = json.loads((tmp_path / "out-0" / "_runs" / "bench-0.json").read_text())
     assert 0 < job["padding_efficiency"] == report["padding_efficiency"] <= 1
     assert report["rows_embedded"] == 300
+    # The A/B side for GPUs (--attention padded): its own output and report.
+    padded = json.loads((tmp_path / "out-padded-0" / "_runs" / "bench-padded-0.json").read_text())
+    assert padded["rows_embedded"] == 300 and padded["settings"]["attention"] == "padded"
+    assert rows["job-padded"]["padding_efficiency"] == padded["padding_efficiency"]
     assert job["peak_memory_mib"] > 0 and peer["peak_memory_mib"] > 0
     assert result["fidelity"]["sample"] == 50 and result["fidelity"]["cosine_min"] >= 0.999
     assert "| job |" in proc.stdout and "| st-fp32 |" in proc.stdout
