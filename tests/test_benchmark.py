@@ -43,3 +43,21 @@ def test_benchmark_runs_the_job_and_a_peer_and_reports_what_they_did(tmp_path: P
     assert job["peak_memory_mib"] > 0 and peer["peak_memory_mib"] > 0
     assert result["fidelity"]["sample"] == 50 and result["fidelity"]["cosine_min"] >= 0.999
     assert "| job |" in proc.stdout and "| st-fp32 |" in proc.stdout
+
+
+def test_encoder_bench_times_each_attention_the_device_runs_and_says_why_not_for_the_others(tmp_path: Path) -> None:
+    """The Ray-free encoder benchmark a GPU session runs first: on CPU, padded attention is timed
+    and variable-length attention is reported as not available, with the reason."""
+    out = tmp_path / "enc.json"
+    cmd = [sys.executable, "-m", "jobs.encoder_bench", "--device", "cpu", "--size", "tiny", "--docs", "300"]
+    cmd += ["--repeats", "2", "--fidelity-sample", "50", "--workdir", str(tmp_path), "--json", str(out)]
+    env = dict(os.environ) | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    padded, varlen = result["rows"]
+    assert padded["attention"] == "padded" and len(padded["walls_s"]) == 2
+    assert padded["tokens_per_s"] == pytest.approx(result["tokens"] / padded["wall_s"], rel=1e-2)
+    assert 0 < padded["padding_efficiency"] <= 1 and padded["cosine_min_vs_float32"] >= 0.999
+    assert "CUDA" in varlen["not_available"]
+    assert "| padded |" in proc.stdout and "| varlen | not available" in proc.stdout
