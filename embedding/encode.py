@@ -22,6 +22,7 @@ from embedding import pooling
 from embedding import schema as S
 from embedding.batching import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, token_budget_batches
 from embedding.config import ATTENTIONS
+from embedding.logs import error_line
 from embedding.luke import Packing, WordEncoder, load_word_encoder, varlen_attention
 from embedding.model import ModelSpec, materialize
 
@@ -233,7 +234,7 @@ class EncoderModel:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(group) == 1:
-                failed[int(group[0])] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+                failed[int(group[0])] = error_line(e, 500)
                 return
             half = len(group) // 2
             self._embed_group(ids, lengths, group[:half], out, failed, widths)
@@ -262,7 +263,7 @@ def check_varlen(model: WordEncoder, attend, device: torch.device, min_cosine: f
     if layer.query_scaled:  # the model's queries come scaled and it passes scale 1
         qkv[0] /= layer.head_size**0.5
     q, k, v = qkv.to(dtype).float().unbind(0)  # the inputs as the kernel sees them
-    scale = 1.0 if layer.query_scaled else 1 / layer.head_size**0.5
+    scale = layer.kernel_scale or 1 / layer.head_size**0.5
     want = torch.empty_like(q)
     for a, b in itertools.pairwise(starts.tolist()):
         weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale, dim=-1)
@@ -270,10 +271,9 @@ def check_varlen(model: WordEncoder, attend, device: torch.device, min_cosine: f
     try:
         on = [x.to(device, dtype) for x in (q, k, v)]
         s = starts.to(device)
-        got = attend(*on, s, s, max(lengths), max(lengths), scale=1.0 if layer.query_scaled else None)
-        got = got.float().cpu()
+        got = attend(*on, s, s, max(lengths), max(lengths), scale=layer.kernel_scale).float().cpu()
     except Exception as e:  # any failure means: not here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return error_line(e, 300)
     if not torch.isfinite(got).all():
         return "it gave non-finite values"
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()

@@ -96,6 +96,11 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def error_line(e: BaseException, limit: int | None = None) -> str:
+    """``Type: first line of the message``, cut at ``limit`` characters: an error in one line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:limit]
+
+
 def configure_logging(level: str = "INFO", stream=None) -> logging.Handler:
     """Route every logger to one stderr handler with :class:`RedactingFilter`. Idempotent.
 

@@ -167,11 +167,17 @@ class _Layer(nn.Module):
         self.qkv.bias[:h].mul_(scale)
         self.query_scaled = True
 
+    @property
+    def kernel_scale(self) -> float | None:
+        """The ``scale`` an attention kernel is passed: 1 where the queries carry it already,
+        else None (the kernel's own ``1/sqrt(head_size)``)."""
+        return 1.0 if self.query_scaled else None
+
     def forward(self, x: torch.Tensor, mask: _Mask, sdpa: bool) -> torch.Tensor:
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
         if sdpa:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keep, scale=1.0 if self.query_scaled else None)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keep, scale=self.kernel_scale)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2))
             if not self.query_scaled:
@@ -185,8 +191,7 @@ class _Layer(nn.Module):
         with :func:`varlen_attention`'s signature."""
         n, h = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_size).unbind(1)
-        scale = 1.0 if self.query_scaled else None
-        ctx = attend(q, k, v, packing.starts, packing.starts, packing.longest, packing.longest, scale=scale)
+        ctx = attend(q, k, v, packing.starts, packing.starts, packing.longest, packing.longest, scale=self.kernel_scale)
         return self._rest(ctx.reshape(n, h), x)
 
     def _rest(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

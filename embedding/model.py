@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedding import storage
+from embedding.logs import error_line
 from embedding.tokenize import TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,7 @@ def _hub_snapshot(repo: str, revision: str | None, *, weights: bool) -> Path:
         raise ModelNotFoundError(f"model {repo!r} is neither a local directory nor a valid hub id: {e}") from None
     except Exception as e:  # offline, not cached, gated, 404: one message with the remedy
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (
-            f"HF_HUB_OFFLINE is set and {repo} is not in the local hub cache"
-            if offline
-            else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        )
+        hint = f"HF_HUB_OFFLINE is set and {repo} is not in the local hub cache" if offline else error_line(e)
         raise ModelNotFoundError(
             f"model {repo!r} could not be loaded ({hint}). Supply a local copy: on a machine with "
             f"internet run `hf download {repo} --local-dir DIR` and pass --model DIR (or copy DIR "

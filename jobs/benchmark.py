@@ -93,6 +93,36 @@ def write_corpus(root: Path, docs: list[str], shards: int) -> Path:
     return root
 
 
+def bench_model(work: Path, size: str, vocab_size: int = 8000) -> Path:
+    """``work/model-SIZE``: a random-weight GLuCoSE-layout model of ``SIZES[size]``, built once."""
+    from jobs.make_tiny_model import build_tiny_model
+
+    hidden, layers, heads, intermediate = SIZES[size]
+    model = work / f"model-{size}"
+    if not (model / "model.safetensors").is_file():
+        logger.info("building a %d x %d GLuCoSE-layout model in %s", hidden, layers, model)
+        build_tiny_model(
+            model, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab_size=vocab_size
+        )
+    return model
+
+
+def bench_corpus(work: Path, docs: int, shards: int) -> Path:
+    """``work/corpus-DOCS``: ``docs`` generated documents in ``shards`` JSONL shards, written once."""
+    corpus = work / f"corpus-{docs}"
+    if not any(corpus.glob("*.jsonl")):
+        logger.info("writing %d documents to %s", docs, corpus)
+        write_corpus(corpus, generate_documents(docs), shards)
+    return corpus
+
+
+def row_cosines(a, b):
+    """Cosine of each row of ``a`` with the same row of ``b`` (numpy, float32)."""
+    import numpy as np
+
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def read_corpus(root: Path) -> list[str]:
     texts = []
     for path in sorted(root.glob("*.jsonl")):
@@ -338,7 +368,7 @@ def _fidelity(model: Path, texts: list[str], ids, vecs, sample: int, device: str
     if failed:
         raise RuntimeError(f"the fidelity reference failed on {len(failed)} text(s)")
     got = vecs[pick]
-    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    cos = row_cosines(got, ref)
     return {
         "sample": int(len(pick)),
         "cosine_min": float(cos.min()),
@@ -353,24 +383,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from embedding.model import resolve_model
     from embedding.tokenize import load_tokenizer
     from embedding.write import RUNS
-    from jobs.make_tiny_model import build_tiny_model
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    hidden, layers, heads, intermediate = SIZES[args.size]
-    model = Path(args.model) if args.model else work / f"model-{args.size}"
-    if not args.model and not (model / "model.safetensors").is_file():
-        logger.info("building a %d x %d GLuCoSE-layout model in %s", hidden, layers, model)
-        build_tiny_model(
-            model, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab_size=args.vocab_size
-        )
+    hidden, layers, _, intermediate = SIZES[args.size]
+    model = Path(args.model) if args.model else bench_model(work, args.size, args.vocab_size)
     if args.model:
         cfg = json.loads((model / "config.json").read_text())
         hidden, layers, intermediate = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    corpus = Path(args.corpus) if args.corpus else work / f"corpus-{args.docs}"
-    if not args.corpus and not any(corpus.glob("*.jsonl")):
-        logger.info("writing %d documents to %s", args.docs, corpus)
-        write_corpus(corpus, generate_documents(args.docs), args.shards)
+    corpus = Path(args.corpus) if args.corpus else bench_corpus(work, args.docs, args.shards)
     texts = read_corpus(corpus)
 
     spec = resolve_model(str(model))
@@ -388,8 +409,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
         for name in order:
             if name.startswith("job"):
-                run_id = f"bench-{rep}" if name == "job" else f"bench-{name[4:]}-{rep}"
-                outs[name] = work / f"out-{run_id[6:]}"
+                tag = f"{rep}" if name == "job" else f"{name.removeprefix('job-')}-{rep}"  # "0", "padded-0"
+                run_id, outs[name] = f"bench-{tag}", work / f"out-{tag}"
                 if outs[name].exists():
                     import shutil
 

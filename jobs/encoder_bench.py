@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.benchmark import SIZES, generate_documents, matmul_rate, model_flops, read_corpus, write_corpus
+from jobs.benchmark import SIZES, bench_corpus, bench_model, matmul_rate, model_flops, read_corpus, row_cosines
 
 logger = logging.getLogger("jobs.encoder_bench")
 
@@ -47,23 +47,15 @@ def run(args: argparse.Namespace) -> dict:
     from embedding.encode import EncoderModel, resolve_dtype
     from embedding.model import resolve_model
     from embedding.tokenize import load_tokenizer
-    from jobs.make_tiny_model import build_tiny_model
 
     device = args.device
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    hidden, layers, heads, intermediate = SIZES[args.size]
-    model = work / f"model-{args.size}"
-    if not (model / "model.safetensors").is_file():
-        logger.info("building a %d x %d GLuCoSE-layout model in %s", hidden, layers, model)
-        build_tiny_model(model, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
-    corpus = work / f"corpus-{args.docs}"
-    if not any(corpus.glob("*.jsonl")):
-        write_corpus(corpus, generate_documents(args.docs), 8)
-    texts = read_corpus(corpus)
-    spec = resolve_model(str(model))
+    hidden, layers, _, intermediate = SIZES[args.size]
+    texts = read_corpus(bench_corpus(work, args.docs, 8))
+    spec = resolve_model(str(bench_model(work, args.size)))
     ids = load_tokenizer(spec.tokenizer, threads=os.cpu_count() or 1).encode(texts)
     lengths = np.array([len(a) for a in ids])
     window = args.window_rows or DEFAULT_WINDOW_ROWS[device]
@@ -123,16 +115,11 @@ def run(args: argparse.Namespace) -> dict:
             "padding_efficiency": round(float(lengths.sum() / widths[attention].sum()), 4),
         }
         if reference is not None:
-            a, b = vectors[attention][:sample], reference
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            row["cosine_min_vs_float32"] = round(float(cos.min()), 6)
+            row["cosine_min_vs_float32"] = round(float(row_cosines(vectors[attention][:sample], reference).min()), 6)
         result_rows.append(row)
+    cross = None
     if len(encoders) == 2:
-        a, b = vectors["padded"], vectors["varlen"]
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        cross = round(float(cos.min()), 6)
-    else:
-        cross = None
+        cross = round(float(row_cosines(vectors["padded"], vectors["varlen"]).min()), 6)
     return {
         "command": " ".join(["python -m jobs.encoder_bench", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
