@@ -13,13 +13,15 @@ separate processes, each from a cold start, exactly as a user would:
 
 - ``job``: ``python -m jobs.embed_corpus`` with default settings (JSONL in, Parquet out);
 - ``st-fp32``: a loop-free ``SentenceTransformer(model).encode(texts)``, the model card's usage;
-- ``st-bf16``: the same with bf16 weights (the peer's best setting on a bf16-capable machine).
+- ``st-bf16``: the same with bf16 weights (the peer's best setting on a bf16-capable machine;
+  by default only there: a CPU that emulates bf16 runs it many times slower than float32).
 
 The table reports, per runner, the median wall time over the repeats, texts/s, tokens/s (real
 tokens, specials included, as the job counts them), the ratio against each peer, peak memory
 (proportional set size summed over the whole process tree: Ray's workers included, shared pages
-counted once) and achieved model FLOP/s as a fraction of this machine's bf16 matrix-multiply
-rate, which the benchmark measures itself. Padding efficiency (real tokens ÷ padded tokens) is
+counted once) and achieved model FLOP/s as a fraction of this machine's compute ceiling: its
+fastest measured matrix-multiply rate, in bf16 where the hardware has it, in float32 where it
+only emulates bf16 (the benchmark measures both). Padding efficiency (real tokens ÷ padded tokens) is
 computed with the job's own batching helpers and default window and budget over the corpus'
 token lengths. Fidelity: the job's vectors against float32 vectors computed in this process
 (the job's fp32 path, which the tests hold to the reference) for a sample of texts.
@@ -56,6 +58,21 @@ RUNNERS = ("job", "job-padded", "st-fp32", "st-bf16")
 # job-padded: the job with --attention padded, the other side of an A/B of variable-length
 # attention on a GPU (on CPU the two are the same job). Run it by naming it in --runners.
 DEFAULT_RUNNERS = ("job", "st-fp32", "st-bf16")
+NO_NATIVE_BF16 = (
+    "this CPU has no native bf16 matrix multiply (no AVX512-BF16 or AMX), so bf16 weights are the "
+    "peer's slowest setting here, not its best; name st-bf16 in --runners to time it anyway"
+)
+
+
+def default_runners(device: str) -> tuple[list[str], dict[str, str]]:
+    """The runners a plain ``python -m jobs.benchmark`` times, and why any of the usual ones is
+    left out: the bf16 peer only where bf16 runs natively (where it does not, it runs many times
+    slower than float32, and the job itself computes in float32)."""
+    from embedding.encode import cpu_has_fast_bf16
+
+    if device == "cpu" and not cpu_has_fast_bf16():
+        return [r for r in DEFAULT_RUNNERS if r != "st-bf16"], {"st-bf16": NO_NATIVE_BF16}
+    return list(DEFAULT_RUNNERS), {}
 
 
 # --------------------------------------------------------------------------
@@ -241,28 +258,60 @@ def run_measured(cmd: list[str], log_path: Path, interval: float = 2.0, gpu: boo
     return Timed(wall, cpu_s, peak, rc, tail, busy_fraction(utilisation) if gpu else None)
 
 
-def matmul_rate(device: str, seconds: float = 2.0) -> float:
-    """This machine's bf16 matrix-multiply rate in FLOP/s (best of a few square sizes)."""
+CEILING_DTYPES = ("bfloat16", "float32")
+
+
+def matmul_rate(device: str, dtype: str = "bfloat16", seconds: float = 1.0) -> float:
+    """This machine's matrix-multiply rate in FLOP/s in one dtype (best of a few square sizes).
+
+    Sizes go up while time is left: a dtype with no native kernel here (bf16 on a CPU without
+    AVX512-BF16 or AMX runs at a few GFLOP/s) stops after its first size, seconds, not minutes.
+    """
     import torch
 
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     sizes = (1024, 2048) if device == "cpu" else (4096, 8192)
-    best = 0.0
+    best, deadline = 0.0, time.perf_counter() + seconds
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
         a @ b
         if device == "cuda":
             torch.cuda.synchronize()
         reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / len(sizes):
+        while reps == 0 or time.perf_counter() - start < seconds / len(sizes):
             a @ b
             reps += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+        if time.perf_counter() > deadline:
+            break
     return best
+
+
+def matmul_rates(device: str, seconds: float = 4.0) -> dict[str, float]:
+    """The matrix-multiply rate in each dtype the job computes in on this device (FLOP/s)."""
+    return {dtype: matmul_rate(device, dtype, seconds / len(CEILING_DTYPES)) for dtype in CEILING_DTYPES}
+
+
+def ceiling(rates: dict[str, float]) -> tuple[str, float]:
+    """The compute ceiling: the fastest of the measured rates, and its dtype. bf16 where the
+    hardware has it; float32 on a CPU that only emulates bf16."""
+    dtype = max(rates, key=rates.__getitem__)
+    return dtype, rates[dtype]
+
+
+def describe_rates(rates: dict[str, float]) -> str:
+    """``matmul ceiling 416 GFLOP/s in bfloat16 (float32 150 GFLOP/s)``, for a table's footer."""
+
+    def rate(flops: float) -> str:
+        return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.0f} GFLOP/s"
+
+    dtype, best = ceiling(rates)
+    others = ", ".join(f"{d} {rate(r)}" for d, r in rates.items() if d != dtype)
+    return f"matmul ceiling {rate(best)} in {dtype}" + (f" ({others})" if others else "")
 
 
 def model_flops(lengths, hidden: int, layers: int, intermediate: int) -> float:
@@ -398,8 +447,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     lengths = np.array([len(ids) for ids in load_tokenizer(spec.tokenizer, threads=os.cpu_count() or 1).encode(texts)])
     device = "cuda" if args.device == "cuda" else "cpu"
     flops = model_flops(lengths, hidden, layers, intermediate)
-    logger.info("measuring the bf16 matrix-multiply rate on %s", device)
-    ceiling = matmul_rate(device)
+    logger.info("measuring the matrix-multiply rates on %s", device)
+    rates = matmul_rates(device)
 
     runners = [r for r in RUNNERS if r in args.runners]
     results = {r: RunnerResult(r) for r in runners}
@@ -433,7 +482,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             logger.info("  %s: %.1f s (%.1f CPU s), peak %.0f MiB", name, t.wall_s, t.cpu_s, t.peak_bytes / 2**20)
 
     # Measured again after the runs, the best of both: a busy moment would understate the ceiling.
-    ceiling = max(ceiling, matmul_rate(device))
+    rates = {dtype: max(rate, matmul_rates(device)[dtype]) for dtype, rate in rates.items()}
+    ceiling_dtype, ceiling_rate = ceiling(rates)
     fidelity = None
     compute_dtype = None
     job_out = outs.get("job") or outs.get("job-padded")
@@ -458,7 +508,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "tokens_per_s": round(float(lengths.sum()) / r.wall, 1),
             "peak_memory_mib": round(max(r.peaks) / 2**20, 1),
             "model_flops_per_s": flops / r.wall,
-            "fraction_of_bf16_matmul_rate": round(flops / r.wall / ceiling, 4),
+            "fraction_of_matmul_ceiling": round(flops / r.wall / ceiling_rate, 4),
         }
         if r.gpu_busy:
             row["gpu_busy_fraction"] = round(statistics.median(r.gpu_busy), 3)
@@ -487,10 +537,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 int(lengths.max()),
             ],
         },
-        "bf16_matmul_flops_per_s": ceiling,
+        "matmul_flops_per_s": rates,
+        "matmul_ceiling_dtype": ceiling_dtype,
         "repeats": args.repeats,
         "peer_batch_size": args.peer_batch_size,
         "rows": rows,
+        "not_run": args.not_run,
         "fidelity": fidelity,
     }
 
@@ -518,7 +570,7 @@ def _cell(value: float | None, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     head = (
-        "| runner | wall s | texts/s | tokens/s | × st-fp32 | × st-bf16 | padding eff. | peak MiB | % bf16 matmul "
+        "| runner | wall s | texts/s | tokens/s | × st-fp32 | × st-bf16 | padding eff. | peak MiB | % matmul ceiling "
         "| CPU s | tokens/CPU s |"
     )
     lines = [head, "|" + "---|" * 11]
@@ -528,7 +580,7 @@ def format_table(result: dict) -> str:
             f"{_cell(r.get('x_st-fp32', 1.0 if r['runner'] == 'st-fp32' else None), '.2f')} | "
             f"{_cell(r.get('x_st-bf16', 1.0 if r['runner'] == 'st-bf16' else None), '.2f')} | "
             f"{_cell(r.get('padding_efficiency'), '.3f')} | {r['peak_memory_mib']:,.0f} | "
-            f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% | {r['cpu_s']:.0f} | {r['tokens_per_cpu_s']:,.0f} |"
+            f"{100 * r['fraction_of_matmul_ceiling']:.1f}% | {r['cpu_s']:.0f} | {r['tokens_per_cpu_s']:,.0f} |"
             + (f" GPU idle {100 * r['encoder_idle_fraction']:.0f}% |" if "encoder_idle_fraction" in r else "")
         )
     c, m = result["corpus"], result["model"]
@@ -536,10 +588,12 @@ def format_table(result: dict) -> str:
     lines.append(
         f"{c['texts']:,} texts, {c['tokens']:,} tokens (p50/p95/max {c['tokens_p50_p95_max']}); "
         f"model {m['hidden']} x {m['layers']}; median of {result['repeats']} alternating repeat(s); "
-        f"bf16 matmul rate {result['bf16_matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s; "
+        f"{describe_rates(result['matmul_flops_per_s'])}; "
         f"machine: {result['machine'].get('cpu', '?')}, {result['machine']['cpus']} CPUs"
         + (f", {result['machine']['gpu']}" if "gpu" in result["machine"] else "")
     )
+    for runner, why in result.get("not_run", {}).items():
+        lines.append(f"{runner} not run: {why}")
     if result["fidelity"]:
         f = result["fidelity"]
         lines.append(
@@ -569,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="alternating repeats; the table shows medians")
     p.add_argument(
         "--runners",
-        default=",".join(DEFAULT_RUNNERS),
-        help=f"comma-separated subset of {','.join(RUNNERS)} [default: {','.join(DEFAULT_RUNNERS)}]",
+        help=f"comma-separated subset of {','.join(RUNNERS)} [default: {','.join(DEFAULT_RUNNERS)}; "
+        "st-bf16 only where the device runs bf16 natively]",
     )
     p.add_argument("--peer-batch-size", type=int, default=32, help="sentence-transformers batch size [default: 32]")
     p.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeatable)")
@@ -589,7 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "peer":
         run_peer(args.model, args.corpus, args.dtype, args.batch_size, args.device, args.out)
         return 0
-    args.runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    if args.runners is None:
+        args.runners, args.not_run = default_runners(args.device)
+    else:
+        args.runners, args.not_run = [r.strip() for r in args.runners.split(",") if r.strip()], {}
     unknown = [r for r in args.runners if r not in RUNNERS]
     if unknown or args.repeats < 1 or args.docs < 1:
         print(f"benchmark: refused: runners {unknown} / repeats {args.repeats} / docs {args.docs}", file=sys.stderr)

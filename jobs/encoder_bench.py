@@ -3,7 +3,7 @@
 ``python -m jobs.benchmark`` measures the whole job against its peers. This measures what one
 encoder actor does with its windows (``EncoderModel.embed`` over the job's length-sorted windows
 and token budgets, the device's defaults), once for each attention the device runs, alternating:
-tokens/s, the share of the device's measured bf16 matrix-multiply rate, padding efficiency
+tokens/s, the share of the device's measured matrix-multiply ceiling, padding efficiency
 (real ÷ computed tokens) and the cosine of each side's vectors against float32.
 
 It needs torch, numpy, pyarrow, safetensors, sentencepiece and transformers (to build the model),
@@ -25,7 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.benchmark import SIZES, bench_corpus, bench_model, matmul_rate, model_flops, read_corpus, row_cosines
+from jobs.benchmark import (
+    SIZES,
+    bench_corpus,
+    bench_model,
+    ceiling,
+    describe_rates,
+    matmul_rates,
+    model_flops,
+    read_corpus,
+    row_cosines,
+)
 
 logger = logging.getLogger("jobs.encoder_bench")
 
@@ -63,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
     budget, rows = DEFAULT_BATCH_TOKENS[device], DEFAULT_BATCH_ROWS[device]
     dtype = resolve_dtype(args.dtype, device)
     flops = model_flops(lengths, hidden, layers, intermediate)
-    ceiling = matmul_rate(device)
+    rates = matmul_rates(device)
+    ceiling_dtype, ceiling_rate = ceiling(rates)
 
     encoders, why_not = {}, {}
     for attention in ATTENTIONS:
@@ -111,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
             "walls_s": [round(x, 4) for x in walls[attention]],
             "texts_per_s": round(len(ids) / wall, 1),
             "tokens_per_s": round(float(lengths.sum()) / wall, 1),
-            "fraction_of_bf16_matmul_rate": round(flops / wall / ceiling, 4),
+            "fraction_of_matmul_ceiling": round(flops / wall / ceiling_rate, 4),
             "padding_efficiency": round(float(lengths.sum() / widths[attention].sum()), 4),
         }
         if reference is not None:
@@ -131,7 +142,8 @@ def run(args: argparse.Namespace) -> dict:
         "window_rows": window,
         "batch_tokens": budget,
         "batch_rows": rows,
-        "bf16_matmul_flops_per_s": ceiling,
+        "matmul_flops_per_s": rates,
+        "matmul_ceiling_dtype": ceiling_dtype,
         "rows": result_rows,
         "cosine_min_padded_vs_varlen": cross,
     }
@@ -139,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [
-        "| attention | wall s | texts/s | tokens/s | % bf16 matmul | padding eff. | cos vs fp32 (min) |",
+        "| attention | wall s | texts/s | tokens/s | % matmul ceiling | padding eff. | cos vs fp32 (min) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -149,14 +161,14 @@ def format_table(result: dict) -> str:
         cos = r.get("cosine_min_vs_float32")
         lines.append(
             f"| {r['attention']} | {r['wall_s']:.2f} | {r['texts_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-            f"{100 * r['fraction_of_bf16_matmul_rate']:.1f}% | {r['padding_efficiency']:.3f} | "
+            f"{100 * r['fraction_of_matmul_ceiling']:.1f}% | {r['padding_efficiency']:.3f} | "
             f"{'' if cos is None else f'{cos:.5f}'} |"
         )
     lines.append("")
     lines.append(
         f"{result['texts']:,} texts, {result['tokens']:,} tokens on {result['device']} in {result['dtype']} "
         f"(torch {result['torch']}); windows of {result['window_rows']} rows, {result['batch_tokens']} tokens "
-        f"per pass at most; bf16 matmul rate {result['bf16_matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; "
+        f"per pass at most; {describe_rates(result['matmul_flops_per_s'])}; "
         f"padded against varlen, cosine min: {result['cosine_min_padded_vs_varlen']}"
     )
     return "\n".join(lines)

@@ -43,6 +43,38 @@ def test_benchmark_runs_the_job_and_a_peer_and_reports_what_they_did(tmp_path: P
     assert job["peak_memory_mib"] > 0 and peer["peak_memory_mib"] > 0
     assert result["fidelity"]["sample"] == 50 and result["fidelity"]["cosine_min"] >= 0.999
     assert "| job |" in proc.stdout and "| st-fp32 |" in proc.stdout
+    # The share of the compute ceiling: the fastest measured rate, whichever dtype that is here.
+    rates = result["matmul_flops_per_s"]
+    assert set(rates) == {"bfloat16", "float32"} and all(r > 0 for r in rates.values())
+    assert rates[result["matmul_ceiling_dtype"]] == max(rates.values())
+    assert job["fraction_of_matmul_ceiling"] == pytest.approx(job["model_flops_per_s"] / max(rates.values()), abs=1e-4)
+    assert f"in {result['matmul_ceiling_dtype']}" in proc.stdout
+    assert result["not_run"] == {}  # runners named on the command line all run
+
+
+def test_rates_and_ceiling_read_as_the_hardware_is() -> None:
+    from jobs.benchmark import ceiling, describe_rates
+
+    amx_like = {"bfloat16": 4.16e11, "float32": 1.5e11}
+    avx2_like = {"bfloat16": 1.2e9, "float32": 1.55e11}
+    assert ceiling(amx_like) == ("bfloat16", 4.16e11) and ceiling(avx2_like) == ("float32", 1.55e11)
+    assert describe_rates(amx_like) == "matmul ceiling 416 GFLOP/s in bfloat16 (float32 150 GFLOP/s)"
+    assert describe_rates(avx2_like) == "matmul ceiling 155 GFLOP/s in float32 (bfloat16 1 GFLOP/s)"
+    assert describe_rates({"bfloat16": 9.1e14, "float32": 5e13}).startswith("matmul ceiling 910.0 TFLOP/s in bf")
+
+
+def test_the_bf16_peer_runs_by_default_only_where_bf16_is_native() -> None:
+    """On a CPU that emulates bf16, st-bf16 is the peer's slowest setting (bf16 square matmuls ran
+    at 1 GFLOP/s against fp32's 150 on an AVX2-only EPYC here): left out, with the reason."""
+    from embedding.encode import cpu_has_fast_bf16
+    from jobs.benchmark import DEFAULT_RUNNERS, NO_NATIVE_BF16, default_runners
+
+    runners, not_run = default_runners("cpu")
+    if cpu_has_fast_bf16():
+        assert runners == list(DEFAULT_RUNNERS) and not_run == {}
+    else:
+        assert runners == ["job", "st-fp32"] and not_run == {"st-bf16": NO_NATIVE_BF16}
+    assert default_runners("cuda") == (list(DEFAULT_RUNNERS), {})
 
 
 def test_encoder_bench_times_each_attention_the_device_runs_and_says_why_not_for_the_others(tmp_path: Path) -> None:
