@@ -124,15 +124,17 @@ class EncoderModel:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}; got {requested!r}")
         if requested == "padded":
             return "padded"
-        attend = varlen_attention()
+        # The cheap reasons first: importing the kernel imports torch._dynamo (1.4 s of CPU in
+        # every CPU actor's start-up, for a kernel that runs on CUDA only).
+        attend = None
         if not isinstance(self.model, WordEncoder):
             why = f"{self.architecture} has padded attention only"
-        elif attend is None:
-            why = f"torch {torch.__version__} has no torch.nn.attention.varlen"
         elif self.device.type != "cuda":
             why = "variable-length (flash) attention runs on CUDA GPUs only"
         elif self.dtype not in ("bfloat16", "float16"):
             why = f"flash attention takes bfloat16 or float16, not {self.dtype}"
+        elif (attend := varlen_attention()) is None:
+            why = f"torch {torch.__version__} has no torch.nn.attention.varlen"
         else:
             why = check_varlen(self.model, attend, self.device)
         if why is None:

@@ -159,3 +159,24 @@ def test_driver_reads_the_same_bf16_answer_from_cpu_flags_as_torch() -> None:
     if flags is None:
         pytest.skip("no CPU flags in /proc/cpuinfo on this system")
     assert flags == cpu_has_fast_bf16()
+
+
+def test_a_cpu_encoder_starts_without_importing_what_only_gpus_use(tiny_model: Path) -> None:
+    """An encoder actor's start-up is paid by every run: on CPU it must not import the
+    variable-length attention kernel (its module imports torch._dynamo, 1.4 s of CPU per actor)
+    nor transformers (2 s), which only a GPU or a non-LUKE model needs. A fresh interpreter, since
+    other tests import both."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys; from embedding.encode import Encode; from embedding.model import resolve_model; "
+        f"e = Encode(resolve_model({str(tiny_model)!r}), device='cpu', dtype='float32'); "
+        "print(e.model.attention, e.model.architecture, sorted(m for m in ('torch._dynamo', 'transformers') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["padded", "WordEncoder", "[]"]
