@@ -91,5 +91,6 @@ def test_encoder_bench_times_each_attention_the_device_runs_and_says_why_not_for
     assert padded["attention"] == "padded" and len(padded["walls_s"]) == 2
     assert padded["tokens_per_s"] == pytest.approx(result["tokens"] / padded["wall_s"], rel=1e-2)
     assert 0 < padded["padding_efficiency"] <= 1 and padded["cosine_min_vs_float32"] >= 0.999
+    assert 0 < padded["fraction_of_matmul_ceiling"] and result["matmul_ceiling_dtype"] in result["matmul_flops_per_s"]
     assert "CUDA" in varlen["not_available"]
     assert "| padded |" in proc.stdout and "| varlen | not available" in proc.stdout
