@@ -482,7 +482,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             logger.info("  %s: %.1f s (%.1f CPU s), peak %.0f MiB", name, t.wall_s, t.cpu_s, t.peak_bytes / 2**20)
 
     # Measured again after the runs, the best of both: a busy moment would understate the ceiling.
-    rates = {dtype: max(rate, matmul_rates(device)[dtype]) for dtype, rate in rates.items()}
+    again = matmul_rates(device)
+    rates = {dtype: max(rate, again[dtype]) for dtype, rate in rates.items()}
     ceiling_dtype, ceiling_rate = ceiling(rates)
     fidelity = None
     compute_dtype = None
