@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from embedding.config import DTYPES
 from jobs.benchmark import (
     SIZES,
     bench_corpus,
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size [default: base = 768 x 12]")
     p.add_argument("--docs", type=int, default=100_000, help="documents to generate [default: 100000]")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--window-rows", type=int, help="rows sorted together [default: the device's]")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats; the table shows medians")
     p.add_argument("--fidelity-sample", type=int, default=2000, help="texts checked against float32 (0: none)")
