@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from embedding.encode import EncoderModel, check_varlen
-from embedding.luke import Packing, check_config, load_word_encoder
+from embedding.luke import Packing, check_config, default_sdpa, load_word_encoder
 from embedding.model import resolve_model
 from embedding.tokenize import load_tokenizer
 from tests.reference import reference_embeddings
@@ -102,6 +102,26 @@ def test_word_encoder_matches_luke_in_fp32_within_1e5(
     assert (got[real] - want[real]).abs().max().item() <= 1e-5
     if attention == "varlen":
         assert not got[~real].any()  # padding is never computed: zeros
+
+
+def test_cpu_attention_is_the_fused_kernel_in_float32_and_explicit_in_bf16(wide_model: Path) -> None:
+    """The default padded attention: SDPA wherever it measured faster (GPUs; CPUs in float32),
+    explicit in bf16 on CPU. The model's own forward pass takes that default."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_sdpa(cpu, torch.float32) and default_sdpa(cuda, torch.float32) and default_sdpa(cuda, torch.bfloat16)
+    assert not default_sdpa(cpu, torch.bfloat16)
+    ids, mask = _batch("padded", 1000)
+    for dtype in (torch.float32, torch.bfloat16):
+        word, _ = load_word_encoder(wide_model, dtype)
+        with torch.inference_mode():
+            default = word(input_ids=ids, attention_mask=mask)
+            word.sdpa = not default_sdpa(cpu, dtype)
+            other = word(input_ids=ids, attention_mask=mask)
+            word.sdpa = default_sdpa(cpu, dtype)
+            chosen = word(input_ids=ids, attention_mask=mask)
+        real = mask.bool()
+        assert torch.equal(default[real], chosen[real])
+        assert not torch.equal(default[real], other[real])  # the two paths round differently
 
 
 def test_packing_lists_each_texts_tokens_in_order_for_right_and_left_padding() -> None:
