@@ -7,9 +7,11 @@ token type 0). :class:`WordEncoder` is that word path and nothing else:
 
 - query, key and value are one ``hidden × 3·hidden`` matrix multiply (LUKE's three weights,
   concatenated at load), so each layer runs four linear layers instead of six;
-- attention is the explicit matmul-softmax-matmul on CPU, which at these lengths (tens to a few
-  hundred tokens, head size 64) embedded 5 to 15% more tokens per second in process than
-  PyTorch's CPU flash kernel;
+- attention on CPU in bf16 is the explicit matmul-softmax-matmul, which at these lengths (tens
+  to a few hundred tokens, head size 64) embedded 5 to 15% more tokens per second in process
+  than PyTorch's CPU flash kernel; in float32 the flash kernel is the faster one (attention
+  alone 1.4 to 2.7 times as fast on an AVX2 CPU, the whole pass 3% less CPU), see
+  :func:`default_sdpa`;
   on GPU it is ``scaled_dot_product_attention`` (the fused, memory-efficient kernels), or,
   where the caller has checked it on the device, variable-length flash attention over packed
   tokens (:class:`Packing`): every layer then runs on the real tokens only and no padding is
