@@ -42,8 +42,9 @@ import pyarrow as pa
 from embedding import ledger, progress, storage
 from embedding import schema as S
 from embedding.config import JobConfig
+from embedding.logs import error_line, redact_text
 from embedding.model import ModelSpec, resolve_model
-from embedding.read import InputLayout, probe_layout, read_shard
+from embedding.read import InputLayout, failure_marker, probe_layout, read_shard
 from embedding.storage import Shard
 from embedding.write import (
     RUNS,
@@ -69,6 +70,8 @@ class RunReport:
     Shards: ``seen`` in the inputs = ``skipped`` (committed before, unchanged) + ``embedded``
     (new or changed; ``replaced`` counts the changed ones). ``removed`` shards are committed
     but gone from the inputs; ``pruned`` of them were deleted (``--prune``/``--overwrite``).
+    ``failed`` shards could not be read (``failed_shards``: shard -> why, the first
+    ``MAX_FAILED_LISTED``); they are not committed, so the next run tries them again.
     Rows and tokens count this run's work only.
     """
 
@@ -85,6 +88,8 @@ class RunReport:
     shards_replaced: int = 0
     shards_removed: int = 0
     shards_pruned: int = 0
+    shards_failed: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
     rows_in: int = 0
     rows_embedded: int = 0
     rows_rejected: int = 0
@@ -116,6 +121,14 @@ class ConfigError(ValueError):
     """The run cannot start as configured; the message says why."""
 
 
+class ShardsFailedError(RuntimeError):
+    """The run committed every shard it could read, and some it could not (the report lists them)."""
+
+    def __init__(self, message: str, report: RunReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class TooManyRejectedError(RuntimeError):
     """The run committed its output, but rejected more rows than ``max_rejected_fraction``."""
 
@@ -127,6 +140,7 @@ class TooManyRejectedError(RuntimeError):
 READ_CPUS = 0.25  # logical CPUs of a read task; differs from the tokenizer's so Ray does not fuse them
 COMMIT_CPUS = 0.25
 MAX_READ_CHUNK_ROWS = 8192  # rows per block read from a shard, unless --read-chunk-rows
+MAX_FAILED_LISTED = 1000  # shards named in the run report's failed_shards; all are counted
 MAX_HASHED_IDS = 200_000_000  # 1.6 GB of hashes on the driver; beyond it duplicates count per shard
 
 
@@ -161,17 +175,40 @@ def check_output_outside_inputs(config: JobConfig) -> None:
 
 def _read_stage(batch: pa.Table, layout: InputLayout) -> Iterator[pa.Table]:
     """Ray task body: each row of ``batch`` names one shard; yield its chunks. The transient
-    storage errors retried while reading ride on the first row of the shard's last chunk."""
+    storage errors retried while reading ride on the first row of the shard's last chunk.
+
+    A shard that cannot be read (a column missing, corrupt compression or Parquet, gone since
+    the listing, storage errors beyond the retries) ends in a failure marker carrying the
+    reason, in place of its last chunk: the driver then never commits it, and the chunks
+    already read are dropped with the run's staging area. Other shards go on."""
     for row in batch.to_pylist():
+        shard = Shard(**row)
         before = storage.transient_errors()
         previous = None
-        for table in read_shard(Shard(**row), layout):
+        try:
+            for table in read_shard(shard, layout):
+                if previous is not None:
+                    yield previous
+                previous = _with_read_columns(table, None)
+        except MemoryError:
+            raise
+        except Exception as e:
+            reason = redact_text(error_line(e, 500))
+            logger.warning("shard %s could not be read and will not be committed: %s", shard.url, reason)
             if previous is not None:
                 yield previous
-            previous = table.append_column(S.STORAGE_ERRORS, pa.array([0] * table.num_rows, pa.int64()))
+            previous = _with_read_columns(failure_marker(shard, layout), reason)
         errors = [0] * previous.num_rows
         errors[0] = storage.transient_errors() - before
-        yield previous.set_column(previous.num_columns - 1, S.STORAGE_ERRORS, pa.array(errors, pa.int64()))
+        yield previous.set_column(
+            previous.schema.get_field_index(S.STORAGE_ERRORS), S.STORAGE_ERRORS, pa.array(errors, pa.int64())
+        )
+
+
+def _with_read_columns(table: pa.Table, failed: str | None) -> pa.Table:
+    n = table.num_rows
+    table = table.append_column(S.STORAGE_ERRORS, pa.array([0] * n, pa.int64()))
+    return table.append_column(S.FAILED, pa.array([failed] * n, pa.string()))
 
 
 class CpuStages:
@@ -389,10 +426,10 @@ def run(config: JobConfig) -> RunReport:
             for key in work.removed:
                 remove_shard_output(config.output, key, ledger.read_markers(config.output).get(key, []))
             report.shards_pruned = len(work.removed)
-        report.status = "succeeded"
+        report.status = "succeeded" if not report.shards_failed else "shards_failed"
         rows = report.rows_embedded + report.rows_rejected
         limit = config.max_rejected_fraction
-        if limit is not None and rows and report.rows_rejected / rows > limit:
+        if limit is not None and rows and report.rows_rejected / rows > limit and not report.shards_failed:
             report.status = "rejected_over_threshold"
     except BaseException as e:
         report.status = "refused" if isinstance(e, ledger.OutputMismatchError) else "failed"
@@ -410,6 +447,14 @@ def run(config: JobConfig) -> RunReport:
             storage.write_bytes_atomic(storage.join(config.output, RUNS, f"{run_id}.json"), report.to_json().encode())
         finally:
             lease.release()
+    if report.status == "shards_failed":
+        key, why = next(iter(report.failed_shards.items()))
+        raise ShardsFailedError(
+            f"{report.shards_failed} of {len(work.todo)} shard(s) to embed could not be read and are not committed "
+            f"(e.g. {key}: {why}); every other shard is committed. {storage.join(config.output, RUNS, run_id)}.json "
+            "lists them with their reasons; the next run tries them again",
+            report,
+        )
     if report.status == "rejected_over_threshold":
         raise TooManyRejectedError(
             f"{report.rows_rejected} of {report.rows_in} rows ({report.rows_rejected / report.rows_in:.1%}) were "
@@ -582,6 +627,7 @@ def _embed(
     tasks: dict[str, CommitTask] = {}
     hashes: list = []
     hashed = 0
+    failed: dict[str, str] = {}
 
     def start_commit(key: str) -> None:
         tasks[key] = CommitTask(
@@ -619,6 +665,11 @@ def _embed(
             report.storage_errors_retried += row["storage_errors"]
             report.padded_tokens += row["padded_tokens"]
             key = row["shard"]
+            if row["failed"] is not None and key not in failed:
+                failed[key] = row["failed"]
+                report.shards_failed += 1
+                if len(report.failed_shards) < MAX_FAILED_LISTED:
+                    report.failed_shards[key] = row["failed"]
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             counts = passages.setdefault(key, [0, 0])
             counts[0] += row["passages"]
@@ -627,6 +678,7 @@ def _embed(
                 totals[key] = row["total"]
             if (
                 key in totals
+                and key not in failed
                 and key not in pending
                 and key not in done
                 and staged[key] >= totals[key]
@@ -636,14 +688,14 @@ def _embed(
         collect(timeout=0)
         lease.renew()
 
-    missing = [k for k in by_key if k not in totals]
+    missing = [k for k in by_key if k not in totals and k not in failed]
     if missing:
         raise RuntimeError(
             f"{len(missing)} shard(s) never reported their end (e.g. {missing[0]}); nothing was "
             "committed for them. Rerun to complete the output"
         )
     for key in totals:
-        if key not in pending and key not in done:
+        if key not in pending and key not in done and key not in failed:
             start_commit(key)
     while pending:
         collect(timeout=10)
@@ -651,6 +703,12 @@ def _embed(
     tracker.finish()
 
     _count_duplicates(report, hashes, hashed)
+    if config.overwrite and failed:
+        key = next(iter(failed))
+        raise RuntimeError(
+            f"{len(failed)} shard(s) could not be read (e.g. {key}: {failed[key]}); --overwrite replaces the "
+            "output only as a whole, so nothing was replaced. Fix or remove them and rerun"
+        )
     if config.overwrite:
         # Everything is staged; now swap it in, one atomic replace per file. Shards gone from
         # the inputs leave first, so a crash here leaves no file of the old settings behind

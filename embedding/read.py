@@ -207,10 +207,16 @@ def _to_table(shard: Shard, layout: InputLayout, rows: _Rows, start: int, total:
     return pa.table(columns)
 
 
-def _marker_table(shard: Shard, layout: InputLayout) -> pa.Table:
+def _marker_table(shard: Shard, layout: InputLayout, total: int = 0) -> pa.Table:
     rows = _Rows(ids=[None], texts=[None], rejects=[None], keep={c: [None] for c in layout.keep_columns})
-    table = _to_table(shard, layout, rows, start=-1, total=0)
+    table = _to_table(shard, layout, rows, start=-1, total=total)
     return table.set_column(table.schema.get_field_index(S.MARKER), S.MARKER, pa.array([True]))
+
+
+def failure_marker(shard: Shard, layout: InputLayout) -> pa.Table:
+    """The one placeholder row that stands for a shard that could not be read: no total (the
+    shard never completes, so it is never committed) and no rows. The caller adds the reason."""
+    return _marker_table(shard, layout, total=-1)
 
 
 def _text_reject(text: Any) -> str | None:

@@ -40,6 +40,7 @@ NUM_TOKENS = "__num_tokens"
 PASS_WIDTH = "__pass_width"  # tokens per row, padding included, of the forward pass the row ran in
 TRUNCATED = "__truncated"  # the text was cut at the model's token limit
 STORAGE_ERRORS = "__storage_errors"  # transient storage errors the reader retried (on one row)
+FAILED = "__failed"  # on a shard's failure marker: why the shard could not be read; null elsewhere
 PASSAGES = "__passages"  # chunked runs: number of passages of the row's document
 
 REJECTED_TEXT_CAP = 4096  # characters of a rejected row's raw text kept for inspection

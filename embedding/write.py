@@ -93,7 +93,8 @@ class WriteParts:
 
     The returned rows (``shard``, ``rows``, ``rejected``, ``total``, ``tokens``, ``passages``,
     ``passages_expected``) are all the driver needs to decide when a shard can be committed;
-    ``padded_tokens`` (the forward passes' widths summed over the rows) is for the run report.
+    ``padded_tokens`` (the forward passes' widths summed over the rows) is for the run report;
+    ``failed`` is why the shard could not be read, where its failure marker is in the batch.
     ``rows`` counts input rows (documents) staged; ``passages`` counts output rows staged and
     ``passages_expected`` the passages of the documents staged here (equal without chunking).
     """
@@ -115,6 +116,7 @@ class WriteParts:
             "passages": [],
             "passages_expected": [],
             "storage_errors": [],
+            "failed": [],
         }
         errors_before = storage.transient_errors()
         shards = batch[S.SHARD].to_numpy(zero_copy_only=False)
@@ -148,6 +150,8 @@ class WriteParts:
             # Errors the reader of this shard retried ride on its rows; add this stage's own.
             errors = part[S.STORAGE_ERRORS] if S.STORAGE_ERRORS in part.column_names else pa.array([0])
             meta["storage_errors"].append(int(pc.sum(errors).as_py() or 0))
+            reasons = part[S.FAILED].drop_null() if S.FAILED in part.column_names else []
+            meta["failed"].append(reasons[0].as_py() if len(reasons) else None)
         if meta["storage_errors"]:
             meta["storage_errors"][-1] += storage.transient_errors() - errors_before
         return pa.table(
@@ -163,6 +167,7 @@ class WriteParts:
                     ("passages", pa.int64()),
                     ("passages_expected", pa.int64()),
                     ("storage_errors", pa.int64()),
+                    ("failed", pa.string()),
                 ]
             ),
         )

@@ -16,6 +16,9 @@ code  name                 meaning
                            another run holds the output's lock
 3     REJECTED_ABOVE_LIMIT done and committed, but more rows were rejected than
                            --max-rejected-fraction allows
+4     SHARDS_FAILED        every shard that could be read is committed; some could not be
+                           read (the run report's failed_shards says why); they are not
+                           committed, and the next run tries them again
 130   INTERRUPTED          stopped by SIGINT (Ctrl-C); rerun to complete
 ====  ===================  ==============================================================
 """
@@ -47,11 +50,13 @@ class Exit(enum.IntEnum):
     FAILED = 1
     REFUSED = 2
     REJECTED_ABOVE_LIMIT = 3  # --max-rejected-fraction exceeded; the output is committed
+    SHARDS_FAILED = 4  # some shards could not be read; all the others are committed
     INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 EPILOG = """exit status: 0 done; 1 failed (rerun to complete); 2 refused before starting;
-3 done, but more rows rejected than --max-rejected-fraction allows; 130 interrupted.
+3 done, but more rows rejected than --max-rejected-fraction allows; 4 done, but some shards could
+not be read (listed in the run report; the next run tries them again); 130 interrupted.
 The run report is written to <output>/_runs/<run-id>.json."""
 
 
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         if isinstance(e, pipeline.TooManyRejectedError):
             return _stop(Exit.REJECTED_ABOVE_LIMIT, str(e))
+        if isinstance(e, pipeline.ShardsFailedError):
+            return _stop(Exit.SHARDS_FAILED, str(e))
         refusals = (
             pipeline.ConfigError,
             InputError,
@@ -291,6 +298,7 @@ def _stop(code: Exit, message: str) -> int:
         Exit.REFUSED: "refused",
         Exit.INTERRUPTED: "interrupted",
         Exit.REJECTED_ABOVE_LIMIT: "too many rejected rows",
+        Exit.SHARDS_FAILED: "shards not read",
     }.get(code, "failed")
     print(f"embed_corpus: {word}: {redact_text(message)}", file=sys.stderr)
     return int(code)

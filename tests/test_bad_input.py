@@ -5,9 +5,11 @@ The policy, one row per case (``embedded`` means the row enters the output):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -120,3 +122,78 @@ def test_empty_and_all_rejected_shards_commit_empty_files(tmp_path: Path, tiny_m
     assert pq.read_table(output / "all-bad.parquet").num_rows == 0
     assert pq.read_table(output / "_rejected" / "all-bad.parquet").num_rows == 2
     assert committed_rows(str(output))["id"].to_pylist() == ["z"]
+
+
+def test_unreadable_shards_are_left_out_with_reasons_and_redone_by_the_next_run(
+    tmp_path: Path, tiny_model: Path, ray_local
+) -> None:
+    """A shard that cannot be read (a later shard without the text column, a gzip cut short
+    after some of its rows were already read and embedded, a Parquet file that is not one)
+    does not stop the run: every other shard is committed, none of the bad ones is (not even
+    the rows read before the error), the report says why for each, nothing stays staged, an
+    --overwrite run replaces nothing, and the next run, once they are fixed, embeds exactly them."""
+    import gzip
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    docs = {f"a{i}": f"最初の文書 {i}" for i in range(30)}
+    (inputs / "a.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    pq.write_table(pa.table({"id": ["b0"], "body": ["本文"]}), inputs / "b.parquet")
+    cut = {f"c{i}": f"途中で切れた文書 {i}" for i in range(300)}
+    whole = gzip.compress("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in cut.items()).encode())
+    (inputs / "c.jsonl.gz").write_bytes(whole[: len(whole) * 3 // 4])
+    (inputs / "d.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    last = {f"e{i}": f"最後の文書 {i}" for i in range(20)}
+    (inputs / "e.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in last.items()))
+    output = tmp_path / "out"
+    # 16-row reads: c.jsonl.gz yields chunks of good rows before its read fails.
+    config = JobConfig(
+        inputs=(str(inputs),),
+        output=str(output),
+        model=str(tiny_model),
+        cpus_per_actor=1,
+        max_actors=1,
+        read_chunk_rows=16,
+    )
+    # What the read stage hands on for the cut gzip: chunks of good rows, then the failure marker.
+    from dataclasses import asdict
+
+    from embedding import schema as S
+    from embedding.read import probe_layout
+
+    shard_c = next(s for s in pipeline.list_inputs(config) if s.key == "c.jsonl.gz")
+    layout = probe_layout(shard_c, text_column="text", id_column="id", id_type="string", keep_columns=(), chunk_rows=16)
+    chunks = list(pipeline._read_stage(pa.Table.from_pylist([asdict(shard_c)]), layout))
+    assert len(chunks) > 2 and all(c.num_rows == 16 for c in chunks[:-1])
+    assert all(c[S.FAILED].null_count == 16 and c[S.TOTAL][0].as_py() == -1 for c in chunks[:-1])
+    assert chunks[-1][S.MARKER].to_pylist() == [True] and chunks[-1][S.TOTAL].to_pylist() == [-1]
+    assert chunks[-1][S.FAILED][0].as_py().startswith("EOFError")
+
+    with pytest.raises(pipeline.ShardsFailedError, match=r"^3 of 5 shard\(s\) to embed could not be read") as info:
+        pipeline.run(config)
+    report = info.value.report
+    assert (report.status, report.shards_failed, report.shards_embedded) == ("shards_failed", 3, 2)
+    assert sorted(report.failed_shards) == ["b.parquet", "c.jsonl.gz", "d.parquet"]
+    assert report.failed_shards["b.parquet"].startswith("InputError") and "'text'" in report.failed_shards["b.parquet"]
+    assert report.failed_shards["c.jsonl.gz"].startswith("EOFError")
+    assert report.failed_shards["d.parquet"].startswith("ArrowInvalid: Parquet magic bytes not found")
+    assert report.rows_embedded == len(docs) + len(last)  # c's rows read before the error are not counted
+    assert sorted(p.name for p in output.glob("*.parquet")) == ["a.parquet", "e.parquet"]
+    assert sorted(committed_rows(str(output))["id"].to_pylist()) == sorted(docs | last)
+    assert not (output / "_staging").exists()
+    run = json.loads((output / "_runs" / f"{report.run_id}.json").read_text())
+    assert run["status"] == "shards_failed" and run["failed_shards"] == report.failed_shards
+
+    # --overwrite replaces the output as a whole or not at all.
+    before = {p.name: p.read_bytes() for p in output.glob("*.parquet")}
+    with pytest.raises(RuntimeError, match=r"3 shard\(s\) could not be read .* nothing was replaced"):
+        pipeline.run(dataclasses.replace(config, overwrite=True))
+    assert {p.name: p.read_bytes() for p in output.glob("*.parquet")} == before
+
+    pq.write_table(pa.table({"id": ["b0"], "text": ["本文"]}), inputs / "b.parquet")
+    (inputs / "c.jsonl.gz").write_bytes(whole)
+    (inputs / "d.parquet").unlink()
+    again = pipeline.run(config)
+    assert (again.status, again.shards_skipped, again.shards_embedded, again.shards_failed) == ("succeeded", 2, 2, 0)
+    ids = committed_rows(str(output))["id"].to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == set(docs) | set(last) | set(cut) | {"b0"}

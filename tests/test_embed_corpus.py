@@ -58,12 +58,13 @@ def report(**kw) -> SimpleNamespace:
 
 def test_exit_codes_are_distinct_and_documented() -> None:
     codes = [int(c) for c in Exit]
-    assert len(set(codes)) == len(codes) == 5
+    assert len(set(codes)) == len(codes) == 6
     assert {c.name: int(c) for c in Exit} == {
         "OK": 0,
         "FAILED": 1,
         "REFUSED": 2,
         "REJECTED_ABOVE_LIMIT": 3,
+        "SHARDS_FAILED": 4,
         "INTERRUPTED": 130,
     }
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -84,6 +85,11 @@ def test_exit_codes_are_distinct_and_documented() -> None:
             pipeline.TooManyRejectedError("9 of 10 rows rejected", report()),
             Exit.REJECTED_ABOVE_LIMIT,
             "embed_corpus: too many rejected rows: 9 of 10",
+        ),
+        (
+            pipeline.ShardsFailedError("1 of 3 shard(s) to embed could not be read", report()),
+            Exit.SHARDS_FAILED,
+            "embed_corpus: shards not read: 1 of 3",
         ),
     ],
 )

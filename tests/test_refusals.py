@@ -115,13 +115,17 @@ def test_access_denied_names_the_bucket(auth_s3: str, tiny_model: Path) -> None:
     _assert_refused(proc, "access denied to s3://private-corpus")
 
 
-def test_a_bad_later_shard_fails_the_run_in_one_line(tmp_path: Path, tiny_model: Path) -> None:
-    """Only the first shard's schema is checked before the run; a later bad one fails it cleanly."""
+def test_a_bad_later_shard_is_left_out_with_exit_4_and_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    """Only the first shard's schema is checked before the run; a later bad one does not stop
+    it: the others are committed, and the exit status and one line say which could not be read."""
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a"], "text": ["良い"]}), tmp_path / "in" / "a.parquet")
     pq.write_table(pa.table({"id": ["b"], "body": ["本文"]}), tmp_path / "in" / "b.parquet")
+    pq.write_table(pa.table({"id": ["c"], "text": ["天気"]}), tmp_path / "in" / "c.parquet")
     proc = _run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_model)])
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 4, proc.stderr[-2000:]
     line = [x for x in proc.stderr.splitlines() if x.startswith("embed_corpus:")]
-    assert len(line) == 1 and "InputError" in line[0] and "'text'" in line[0] and "b.parquet" in line[0]
+    assert len(line) == 1 and line[0].startswith("embed_corpus: shards not read: 1 of 3 shard(s)"), line
+    assert "InputError" in line[0] and "'text'" in line[0] and "b.parquet" in line[0]
     assert "Traceback" not in line[0]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == ["a.parquet", "c.parquet"]
