@@ -29,6 +29,7 @@ Backpressure is Ray Data's streaming executor: no stage materialises the corpus.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -665,11 +666,8 @@ def _embed(
             report.storage_errors_retried += row["storage_errors"]
             report.padded_tokens += row["padded_tokens"]
             key = row["shard"]
-            if row["failed"] is not None and key not in failed:
-                failed[key] = row["failed"]
-                report.shards_failed += 1
-                if len(report.failed_shards) < MAX_FAILED_LISTED:
-                    report.failed_shards[key] = row["failed"]
+            if row["failed"] is not None:
+                failed.setdefault(key, row["failed"])
             staged[key] = staged.get(key, 0) + row["rows"] + row["rejected"]
             counts = passages.setdefault(key, [0, 0])
             counts[0] += row["passages"]
@@ -687,6 +685,8 @@ def _embed(
                 start_commit(key)
         collect(timeout=0)
         lease.renew()
+    report.shards_failed = len(failed)
+    report.failed_shards = dict(itertools.islice(failed.items(), MAX_FAILED_LISTED))
 
     missing = [k for k in by_key if k not in totals and k not in failed]
     if missing:
@@ -703,13 +703,13 @@ def _embed(
     tracker.finish()
 
     _count_duplicates(report, hashes, hashed)
-    if config.overwrite and failed:
-        key = next(iter(failed))
-        raise RuntimeError(
-            f"{len(failed)} shard(s) could not be read (e.g. {key}: {failed[key]}); --overwrite replaces the "
-            "output only as a whole, so nothing was replaced. Fix or remove them and rerun"
-        )
     if config.overwrite:
+        if failed:
+            key = next(iter(failed))
+            raise RuntimeError(
+                f"{len(failed)} shard(s) could not be read (e.g. {key}: {failed[key]}); --overwrite replaces the "
+                "output only as a whole, so nothing was replaced. Fix or remove them and rerun"
+            )
         # Everything is staged; now swap it in, one atomic replace per file. Shards gone from
         # the inputs leave first, so a crash here leaves no file of the old settings behind
         # that a later run would keep (unpublished shards still carry old markers and are redone).

@@ -6,6 +6,7 @@ The policy, one row per case (``embedded`` means the row enters the output):
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedding import pipeline
+from embedding import schema as S
 from embedding.config import JobConfig
+from embedding.read import probe_layout
 from tests.test_exactly_once import committed_rows
 
 pytestmark = pytest.mark.slow
@@ -132,8 +135,6 @@ def test_unreadable_shards_are_left_out_with_reasons_and_redone_by_the_next_run(
     does not stop the run: every other shard is committed, none of the bad ones is (not even
     the rows read before the error), the report says why for each, nothing stays staged, an
     --overwrite run replaces nothing, and the next run, once they are fixed, embeds exactly them."""
-    import gzip
-
     inputs = tmp_path / "in"
     inputs.mkdir()
     docs = {f"a{i}": f"最初の文書 {i}" for i in range(30)}
@@ -156,18 +157,17 @@ def test_unreadable_shards_are_left_out_with_reasons_and_redone_by_the_next_run(
         read_chunk_rows=16,
     )
     # What the read stage hands on for the cut gzip: chunks of good rows, then the failure marker.
-    from dataclasses import asdict
-
-    from embedding import schema as S
-    from embedding.read import probe_layout
-
     shard_c = next(s for s in pipeline.list_inputs(config) if s.key == "c.jsonl.gz")
     layout = probe_layout(shard_c, text_column="text", id_column="id", id_type="string", keep_columns=(), chunk_rows=16)
-    chunks = list(pipeline._read_stage(pa.Table.from_pylist([asdict(shard_c)]), layout))
+    chunks = list(pipeline._read_stage(pa.Table.from_pylist([dataclasses.asdict(shard_c)]), layout))
     assert len(chunks) > 2 and all(c.num_rows == 16 for c in chunks[:-1])
     assert all(c[S.FAILED].null_count == 16 and c[S.TOTAL][0].as_py() == -1 for c in chunks[:-1])
     assert chunks[-1][S.MARKER].to_pylist() == [True] and chunks[-1][S.TOTAL].to_pylist() == [-1]
     assert chunks[-1][S.FAILED][0].as_py().startswith("EOFError")
+    # A shard deleted since the listing: the marker alone.
+    gone = dataclasses.replace(shard_c, url=str(inputs / "gone.jsonl.gz"), key="gone.jsonl.gz")
+    (marker,) = pipeline._read_stage(pa.Table.from_pylist([dataclasses.asdict(gone)]), layout)
+    assert marker[S.MARKER].to_pylist() == [True] and marker[S.FAILED][0].as_py().startswith("FileNotFoundError")
 
     with pytest.raises(pipeline.ShardsFailedError, match=r"^3 of 5 shard\(s\) to embed could not be read") as info:
         pipeline.run(config)
